@@ -1,0 +1,86 @@
+"""The backbones are the original networks: same state-dict entries, same outputs on seeded weights."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import build_backbone
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+NAMES = ["res12", "wrn28"]
+
+
+def reference_entries(name: str) -> list[tuple[str, tuple[int, ...], str]]:
+    path = REFERENCE / f"{name}_state_dict.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (../shared is not beside this clone)")
+    entries = []
+    for line in path.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, dtype = line.split("\t")
+        entries.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype))
+    return entries
+
+
+def fill_reference_weights(model: torch.nn.Module) -> None:
+    """Fill every entry exactly as ../shared/reference/README.md prescribes."""
+    filled = {}
+    for i, (key, value) in enumerate(model.state_dict().items()):
+        g = torch.Generator().manual_seed(i)
+        shape = value.shape
+        if key.endswith("num_batches_tracked"):
+            filled[key] = torch.zeros_like(value)
+        elif key.endswith("running_var"):
+            filled[key] = 0.5 + torch.rand(shape, generator=g)
+        elif value.dim() >= 2:
+            filled[key] = torch.randn(shape, generator=g) * math.sqrt(2 / (value.numel() // shape[0]))
+        elif key.endswith(".weight"):
+            filled[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            filled[key] = 0.1 * torch.randn(shape, generator=g)
+    model.load_state_dict(filled)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_matches_the_original(name):
+    expected = reference_entries(name)
+    ours = [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in build_backbone(name).state_dict().items()]
+    assert ours == expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_seeded_forward_reproduces_the_original(name):
+    reference_entries(name)
+    ref = np.load(REFERENCE / f"{name}_forward.npz")
+    model = build_backbone(name).eval()
+    fill_reference_weights(model)
+    with torch.no_grad():
+        out = model(torch.from_numpy(ref["input"])).numpy()
+    assert out.shape == (2, 640)
+    rel = np.abs(out - ref["output"]).max() / np.abs(ref["output"]).max()
+    assert rel < 1e-4, f"relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixed_pool_refuses_other_sizes_and_adaptive_accepts_them(name):
+    torch.manual_seed(0)
+    fixed = build_backbone(name).eval()
+    adaptive = build_backbone(name, pool="adaptive").eval()
+    adaptive.load_state_dict(fixed.state_dict())
+    x84 = torch.randn(2, 3, 84, 84)
+    x32 = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x84), adaptive(x84))
+        assert adaptive(x32).shape == (2, 640)
+        with pytest.raises(ValueError, match="pool='adaptive'"):
+            fixed(x32)
+
+
+def test_unknown_backbone_is_refused():
+    with pytest.raises(ValueError, match="res12"):
+        build_backbone("resnet50")

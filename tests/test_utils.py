@@ -1,0 +1,54 @@
+"""Atomic writes, the JSON-lines log, statistics, seeding, paths."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from utils import JsonlLog, atomic_write, mean_ci95, resolve_device, resolve_path, save_json, set_seed, REPO_ROOT
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
+    path = tmp_path / "f.json"
+    save_json(path, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_write(path, "w") as f:
+            f.write('{"v": ')
+            raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_jsonl_log_appends_and_resumes(tmp_path):
+    log = JsonlLog(tmp_path / "log.jsonl")
+    for epoch in range(1, 4):
+        log.append({"epoch": epoch, "loss": 1.0 / epoch})
+    resumed = JsonlLog(tmp_path / "log.jsonl")
+    resumed.truncate_after("epoch", 2)
+    resumed.append({"epoch": 3, "loss": 0.1})
+    assert [r["epoch"] for r in JsonlLog(tmp_path / "log.jsonl").records()] == [1, 2, 3]
+    assert JsonlLog(tmp_path / "log.jsonl", keep_existing=False).records() == []
+
+
+def test_mean_ci95_is_the_field_standard():
+    acc = np.array([0.5, 0.7, 0.6, 0.8])
+    mean, ci = mean_ci95(acc)
+    assert mean == pytest.approx(0.65)
+    assert ci == pytest.approx(1.96 * acc.std() / 2)
+
+
+def test_set_seed_repeats_draws():
+    set_seed(3)
+    a = (torch.rand(3), np.random.rand(3))
+    set_seed(3)
+    b = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_paths_and_device():
+    assert resolve_path("data") == REPO_ROOT / "data"
+    assert resolve_path("/abs/x").as_posix() == "/abs/x"
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")

@@ -1,0 +1,1 @@
+"""Training and evaluation: pretraining (`trainer.pre`), the episodic meta stage (`trainer.meta`)."""

@@ -1,0 +1,128 @@
+"""The one checkpoint saver and loader.
+
+Format (the original's, so released checkpoints keep working): ``{'params': state_dict, ...metadata}``.
+Our saves add ``kind`` (``"backbone"`` or ``"meta"``), ``config``, ``epoch`` and anything else the caller
+passes. Loading is safe (``weights_only=True``: a file that carries pickled code is refused) and strict: keys
+are compared with the module's and every difference is listed, instead of being dropped silently as the
+original did (which made a ``module.``-prefixed WRN checkpoint load nothing).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from utils.io import InputError, atomic_write
+
+# Wrappers that prefix every key: DataParallel/DDP, the original MTL model (`encoder.`), torch.compile.
+_PREFIXES = ("module.", "_orig_mod.", "encoder.")
+
+
+def save_checkpoint(path: str | os.PathLike, params: Mapping[str, torch.Tensor], **metadata) -> None:
+    """Write ``{'params': params, **metadata}`` atomically (temp file + ``os.replace``).
+
+    Metadata must be plain Python (numbers, strings, lists, dicts) or tensors so that it loads with
+    ``weights_only=True``.
+    """
+    state = {"params": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in params.items()}}
+    state.update(metadata)
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint file safely; always returns a dict with a ``params`` state dict.
+
+    Accepts ``{'params': sd}`` (ours and the original's), ``{'state_dict': sd}`` and a bare state dict.
+    Raises :class:`InputError` for a missing, truncated or code-carrying file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found.")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise InputError(
+            f"{path}: refused: the checkpoint carries pickled Python objects beyond tensors and plain data, which "
+            f"could run code when loaded (torch.load weights_only=True said: {str(err).splitlines()[0]}). If you "
+            f"trust its source, re-save just its tensors as {{'params': state_dict}}.") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise InputError(f"{path}: cannot read the checkpoint ({str(err).splitlines()[0]}); the file is "
+                         f"probably truncated or not a PyTorch checkpoint. Re-download or re-create it.") from err
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{path}: expected a dict of tensors, found {type(ckpt).__name__}.")
+    if isinstance(ckpt.get("params"), Mapping):
+        return dict(ckpt)
+    if isinstance(ckpt.get("state_dict"), Mapping):
+        return {**ckpt, "params": ckpt["state_dict"]}
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return {"params": ckpt}
+    raise InputError(f"{path}: no 'params' or 'state_dict' entry and not a bare state dict "
+                     f"(top-level keys: {sorted(ckpt)[:10]}).")
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the wrapper prefixes ``module.``, ``_orig_mod.`` and ``encoder.`` (in any combination).
+
+    When some keys carry ``encoder.`` (the original saved its whole model, backbone under ``encoder.``), only
+    those keys are kept: the rest (e.g. the pretraining classifier ``pre_fc.*``) belongs to other modules.
+    """
+    def clean(key: str) -> str:
+        changed = True
+        while changed:
+            changed = False
+            for prefix in ("module.", "_orig_mod."):
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        return key
+
+    cleaned = {clean(k): v for k, v in state_dict.items()}
+    if any(k.startswith("encoder.") for k in cleaned):
+        cleaned = {k[len("encoder."):]: v for k, v in cleaned.items() if k.startswith("encoder.")}
+    return cleaned
+
+
+def describe_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor],
+                      limit: int = 8) -> str:
+    """A readable list of the keys missing, unexpected, or of another shape; empty when they fit."""
+    def show(keys: list[str]) -> str:
+        more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+        return ", ".join(keys[:limit]) + more
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+              if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {show(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape (checkpoint vs model): {show(shapes)}")
+    return "; ".join(parts)
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                 kind: str | None = None) -> dict:
+    """Load a checkpoint into ``module`` after checking every key and shape; returns the checkpoint dict.
+
+    Args:
+        kind: when given (``"backbone"`` or ``"meta"``) and the checkpoint says it is another kind, refuse it
+            with a message that says so (e.g. a backbone passed to ``--eval_weights``).
+    """
+    ckpt = load_checkpoint(path, map_location)
+    if kind is not None and ckpt.get("kind", kind) != kind:
+        raise InputError(f"{path}: this is a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed here.")
+    state_dict = strip_prefixes(ckpt["params"])
+    problem = describe_mismatch(module.state_dict(), state_dict)
+    if problem:
+        raise InputError(f"{path}: the checkpoint does not fit {type(module).__name__} ({problem}). "
+                         f"Is it for another architecture, dataset or feature dimension?")
+    module.load_state_dict(state_dict, strict=True)
+    return ckpt

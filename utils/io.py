@@ -1,0 +1,106 @@
+"""File I/O that never leaves a half-written file behind.
+
+Every file the project writes goes through :func:`atomic_write`: the content goes to a temporary file in
+the same folder, is flushed to disk, then ``os.replace`` swaps it in. A crash or ``kill -9`` at any moment
+leaves either the previous complete file or the new complete one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """Bad input from the user (a file, a flag): the message names it and says how to fix it.
+
+    Entry scripts print these without a traceback; everything else is a bug and keeps its traceback.
+    """
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Open a temporary file beside ``path``; on a clean exit fsync it and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """``np.savez`` (uncompressed: loading speed matters more than disk here), written atomically."""
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+def save_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+
+
+def load_npz(path: str | os.PathLike, keys: Iterable[str], hint: str = "") -> dict[str, np.ndarray]:
+    """Load the arrays ``keys`` of an ``.npz`` file, with errors that name the file.
+
+    Args:
+        path: the file.
+        keys: arrays that must be present.
+        hint: appended to the "missing file" message, e.g. the command that makes the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found. {hint}".strip())
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise InputError(f"{path}: missing array(s) {missing}; it holds {sorted(npz.files)}. "
+                                 f"Re-create it. {hint}".strip())
+            return {k: npz[k] for k in keys}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"{path}: not a readable .npz file ({err}); it may be truncated. "
+                         f"Delete it and re-create it. {hint}".strip()) from err
+
+
+class JsonlLog:
+    """A JSON-lines log (one dict per line) that is rewritten atomically on every append.
+
+    Logs are small (one line per epoch), so rewriting keeps the "old or new, never half" guarantee.
+    Opening an existing log keeps its lines, which is what a resumed run wants.
+    """
+
+    def __init__(self, path: str | os.PathLike, keep_existing: bool = True):
+        self.path = Path(path)
+        self.lines: list[str] = []
+        if keep_existing and self.path.is_file():
+            self.lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+
+    def truncate_after(self, key: str, value) -> None:
+        """Drop records whose ``key`` exceeds ``value`` (used when resuming from an older epoch)."""
+        self.lines = [ln for ln in self.lines if json.loads(ln).get(key, value) <= value]
+
+    def append(self, record: dict) -> None:
+        self.lines.append(json.dumps(record, default=float))
+        with atomic_write(self.path, "w") as f:
+            f.write("\n".join(self.lines) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(ln) for ln in self.lines]
