@@ -1,0 +1,28 @@
+"""How entry scripts end: user errors as one readable line, not a traceback from deep inside torch."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+import torch
+
+from utils.io import InputError
+
+
+def run_cli(main: Callable, args, batch_flag: str = "the batch size") -> None:
+    """Call ``main(args)``; print ``error: ...`` and exit 2 on bad input, 3 when the GPU runs out of memory.
+
+    Args:
+        batch_flag: the flag that controls memory use, named in the out-of-memory advice.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        main(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except torch.cuda.OutOfMemoryError as err:
+        print(f"error: the GPU ran out of memory ({str(err).splitlines()[0]}). Lower {batch_flag}, or free the "
+              f"GPU (nvidia-smi shows who holds it).", file=sys.stderr)
+        sys.exit(3)
