@@ -17,6 +17,11 @@ from typing import Iterable, Iterator
 import numpy as np
 
 
+# Read once: os.umask can only be read by setting it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class InputError(ValueError):
     """Bad input from the user (a file, a flag): the message names it and says how to fix it.
 
@@ -31,6 +36,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions instead
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
