@@ -1,0 +1,452 @@
+"""Pretraining of the backbone (DESIGN A4): a linear classifier over all training classes, cross-entropy.
+
+Each epoch trains on every training image once (SGD Nesterov, StepLR per epoch), then scores the backbone
+with ProtoNet on fixed validation episodes drawn from the validation features, computed once per epoch.
+The run folder (``trainer.runs.RunFolder``) receives ``config.json``, ``log.jsonl``, ``curves.png``,
+``max_acc.pth`` (best validation accuracy), ``epoch-<N>.pth`` every 10 epochs and ``last.pth`` every epoch.
+Backbone checkpoints are ``{'params': backbone_state_dict, ...metadata}``: they drop into
+``checkpoints/<dataset>/<model_type>.pth``. ``last.pth`` also holds what ``--resume`` needs.
+
+Input pipelines (``--augment``):
+* ``batch``: the uint8 training array is one tensor (on the GPU when it fits, pinned otherwise); each batch
+  is augmented on the device by ``dataloader.batch_augment.train_augment``.
+* ``pil``: the original per-image torchvision transforms on PIL images, in DataLoader workers.
+* ``none``: the eval transform only (no augmentation): for debugging and over-fitting checks.
+All three visit the same images in the same batches: a per-epoch ``DistributedSampler`` permutation,
+sharded across processes under ``torchrun``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from dataloader.batch_augment import eval_transform, torchvision_train_transform, train_augment
+from dataloader.datasets import ImageDataset, load_images
+from dataloader.transforms import normalization
+from models import build_backbone
+from trainer.checkpoint import load_weights, save_checkpoint
+from trainer.evaluate import evaluate_protonet
+from trainer.extract import autocast, extract_features
+from trainer.runs import RunFolder, default_run_dir
+from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
+
+SAVE_EVERY = 10  # epoch-<N>.pth every this many epochs, as the original
+
+
+def pretrain_lr(epoch: int, lr: float, gamma: float, step_size: int) -> float:
+    """Learning rate of 1-based ``epoch``: ``lr * gamma ** floor(epoch / step_size)``.
+
+    The original calls ``StepLR.step()`` at the *start* of every epoch (PyTorch >= 1.1 semantics), so epoch 1
+    already counts as one step: epochs 1-29 train at lr, 30-59 at lr * gamma, ... We reproduce that.
+    """
+    return lr * gamma ** (epoch // step_size)
+
+
+# ----------------------------------------------------------------------------------------------- processes
+@dataclass
+class Processes:
+    """Who this process is under ``torchrun`` (rank 0 of 1 without it)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_processes(device: torch.device) -> tuple[Processes, torch.device]:
+    """Join the process group when started by ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set).
+
+    NCCL on CUDA (each process takes GPU ``LOCAL_RANK``), gloo on CPU.
+    """
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes(), device
+    procs = Processes(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        device = torch.device("cuda", procs.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return procs, device
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, procs: Processes,
+                  max_batches: int = 0) -> list[torch.Tensor]:
+    """This process's batches of sample indices for ``epoch``: a DistributedSampler permutation, batched.
+
+    Every process gets the same number of batches (DDP needs it). A last batch of one sample is dropped:
+    BatchNorm cannot train on it.
+
+    Args:
+        batch_size: per process.
+        max_batches: keep only the first ones (0: all).
+    """
+    sampler = DistributedSampler(range(num_samples), num_replicas=procs.world_size, rank=procs.rank,
+                                 shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    batches = list(torch.tensor(list(sampler), dtype=torch.long).split(batch_size))
+    if batches and len(batches[-1]) < 2:
+        batches.pop()
+    return batches[:max_batches] if max_batches > 0 else batches
+
+
+def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """Seed of one batch's augmentation: a pure function of its position, so a resumed epoch redraws it."""
+    return (seed * 1_000_003 + epoch * 10_007 + batch) * 101 + rank
+
+
+class DeviceBatches:
+    """The ``batch`` and ``none`` pipelines: the uint8 training array as one tensor, transformed per batch.
+
+    Args:
+        images: (N, 84, 84, 3) uint8; targets: (N,).
+        augment: ``train_augment`` when True, else ``eval_transform``.
+    """
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, mean, std, device: torch.device, seed: int,
+                 augment: bool, channels_last: bool):
+        self.images = to_device_if_it_fits(torch.from_numpy(images), device)
+        self.targets = torch.from_numpy(targets).to(self.images.device)
+        self.mean, self.std, self.device, self.seed = mean, std, device, seed
+        self.augment, self.channels_last = augment, channels_last
+
+    def __call__(self, batches: list[torch.Tensor], epoch: int, first: int, rank: int):
+        """Yield (inputs (B, 3, 84, 84) float, labels (B,)) on the device for ``batches[first:]``."""
+        for number, indices in enumerate(batches[first:], start=first):
+            indices = indices.to(self.images.device)
+            images = self.images[indices].to(self.device, non_blocking=True)
+            labels = self.targets[indices].to(self.device, non_blocking=True)
+            if self.augment:
+                generator = torch.Generator(self.device).manual_seed(batch_seed(self.seed, epoch, number, rank))
+                inputs = train_augment(images, self.mean, self.std, generator, channels_last=self.channels_last)
+            else:
+                inputs = eval_transform(images, self.mean, self.std, channels_last=self.channels_last)
+            yield inputs, labels
+
+
+class PilBatches:
+    """The original path: torchvision transforms per PIL image in DataLoader workers (same batches)."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, mean, std, device: torch.device, seed: int,
+                 num_workers: int, channels_last: bool):
+        self.dataset = ImageDataset(images, targets, torchvision_train_transform(mean, std))
+        self.device, self.seed, self.num_workers, self.channels_last = device, seed, num_workers, channels_last
+
+    def __call__(self, batches: list[torch.Tensor], epoch: int, first: int, rank: int):
+        # Workers draw their transform seeds from this generator. A resumed epoch shifts which worker sees
+        # which image, so (unlike the batch path) its augmentations differ from an uninterrupted run.
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, epoch, 0, rank))
+        loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches[first:]],
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                            generator=generator, persistent_workers=False)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        for inputs, labels in loader:
+            yield (inputs.to(self.device, non_blocking=True, memory_format=memory_format),
+                   labels.to(self.device, non_blocking=True))
+
+
+def to_device_if_it_fits(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move ``images`` to the GPU when they take under half of its free memory; else pin them (CPU stays)."""
+    if device.type != "cuda":
+        return images
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.numel() * images.element_size() < free // 2:
+        return images.to(device)
+    return images.pin_memory()
+
+
+# ----------------------------------------------------------------------------------------------- RNG states
+def rng_state(device: torch.device) -> dict:
+    """Python, NumPy and torch (CPU, CUDA) generator states as tensors and plain data (weights_only-safe)."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt_state), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what :func:`rng_state` saved."""
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+# ----------------------------------------------------------------------------------------------- training
+class StopRequest:
+    """Ctrl-C asks the loop to stop after the current batch (then ``last.pth`` is saved); a second one kills."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: stopping after this batch and saving last.pth (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class Pretrainer:
+    """One pretraining run: model, optimiser, schedule, input pipeline, validation, checkpoints.
+
+    Args:
+        args: the ``run_pre.py`` namespace.
+        device: the resolved device (``cuda:LOCAL_RANK`` under torchrun on GPUs).
+    """
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, procs: Processes):
+        self.args, self.device, self.procs = args, device, procs
+        self.amp = flag_on(args.amp, device)
+        self.channels_last = flag_on(args.channels_last, device)
+        if args.pre_batch_size % procs.world_size:
+            raise InputError(f"--pre_batch_size {args.pre_batch_size} is the global batch: it must be divisible "
+                             f"by the number of processes ({procs.world_size}).")
+        self.batch_size = args.pre_batch_size // procs.world_size
+        self.mean, self.std = normalization(args.model_type)
+
+        train_images, self.train_targets = load_images(args.data_root, args.dataset, "train")
+        val_images, self.val_targets = load_images(args.data_root, args.dataset, "val")
+        self.val_images = to_device_if_it_fits(torch.from_numpy(val_images), device)
+        self.num_train = len(self.train_targets)
+        num_classes = int(self.train_targets.max()) + 1
+        if args.augment == "pil":
+            self.batches = PilBatches(train_images, self.train_targets, self.mean, self.std, device, args.seed,
+                                      args.num_workers, self.channels_last)
+        else:
+            self.batches = DeviceBatches(train_images, self.train_targets, self.mean, self.std, device, args.seed,
+                                         args.augment == "batch", self.channels_last)
+
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.backbone = build_backbone(args.model_type).to(device, memory_format=memory_format)
+        self.classifier = nn.Linear(self.backbone.out_dim, num_classes).to(device)
+        model: nn.Module = nn.Sequential(self.backbone, self.classifier)
+        # Nesterov SGD over backbone and classifier alike, as the original's single param group
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.pre_lr, momentum=args.pre_custom_momentum,
+                                         nesterov=True, weight_decay=args.pre_custom_weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.pre_step_size,
+                                                         gamma=args.pre_gamma)
+        if procs.distributed:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.compile:
+            model = torch.compile(model)  # after DDP, so that DDP's bucketing sees the compiled graph
+        self.model = model
+
+        self.epoch = 0            # completed epochs
+        self.batch = 0            # batches done in the epoch under way (non-zero only in an interrupted run)
+        self.sums = [0.0, 0.0, 0]  # loss sum, correct predictions, images of the epoch under way
+        self.max_acc, self.max_acc_epoch = 0.0, 0
+        self.run: RunFolder | None = None
+        self.run_dir = resolve_path(args.run_dir)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_backbone(self, path: Path, val_acc: float, **extra) -> None:
+        a = self.args
+        save_checkpoint(path, self.backbone.state_dict(), kind="backbone", model_type=a.model_type,
+                        dataset=a.dataset, epoch=self.epoch, config=vars(a), val_acc=val_acc,
+                        max_acc=self.max_acc, max_acc_epoch=self.max_acc_epoch, **extra)
+
+    def save_last(self, val_acc: float) -> None:
+        """``last.pth``: the backbone in the usual format plus everything ``--resume`` restores."""
+        self.save_backbone(self.run_dir / "last.pth", val_acc, batch=self.batch, epoch_sums=list(self.sums),
+                           classifier=self.classifier.state_dict(), optimizer=self.optimizer.state_dict(),
+                           scheduler=self.scheduler.state_dict(), rng=rng_state(self.device))
+
+    def resume(self) -> None:
+        """Continue from ``<run_dir>/last.pth`` (model, optimiser, scheduler, position, RNG states)."""
+        path = self.run_dir / "last.pth"
+        if not path.is_file():
+            raise InputError(f"--resume: {path} not found; pass the --run_dir of the run to continue.")
+        ckpt = load_weights(self.backbone, path, map_location=self.device, kind="backbone")
+        if "optimizer" not in ckpt:
+            raise InputError(f"--resume: {path} holds no training state (is it a plain backbone checkpoint?).")
+        self.classifier.load_state_dict(ckpt["classifier"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"], self.device)
+        self.epoch, self.batch = int(ckpt["epoch"]), int(ckpt["batch"])
+        self.sums = list(ckpt["epoch_sums"])
+        self.max_acc, self.max_acc_epoch = float(ckpt["max_acc"]), int(ckpt["max_acc_epoch"])
+
+    # ------------------------------------------------------------------ epochs
+    def begin_epoch(self) -> float:
+        """Step the scheduler at the start of the epoch, as the original (see :func:`pretrain_lr`)."""
+        if self.batch == 0:  # an interrupted epoch already stepped it
+            with warnings.catch_warnings():
+                # PyTorch warns when the scheduler steps before the optimizer: that order is the recipe
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                self.scheduler.step()
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_epoch(self, epoch: int, stop: StopRequest) -> bool:
+        """Train until the end of the epoch (from ``self.batch``) or a stop request; True when complete."""
+        batches = epoch_batches(self.num_train, self.batch_size, self.args.seed, epoch, self.procs,
+                                self.args.max_train_batches)
+        self.model.train()
+        loss_sum = torch.tensor(self.sums[0], device=self.device, dtype=torch.float64)
+        correct = torch.tensor(self.sums[1], device=self.device, dtype=torch.float64)
+        progress = tqdm(total=len(batches), initial=self.batch, desc=f"epoch {epoch}/{self.args.pre_max_epoch}",
+                        unit="batch", disable=not self.procs.is_main, dynamic_ncols=True, leave=False)
+        complete = True
+        for inputs, labels in self.batches(batches, epoch, self.batch, self.procs.rank):
+            with autocast(self.device, self.amp):
+                logits = self.model(inputs)
+                loss = F.cross_entropy(logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            # running sums stay on the device: no host sync per step
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(dim=1) == labels).sum()
+            self.sums[2] += len(labels)
+            self.batch += 1
+            progress.update()
+            if self.batch % 10 == 0:
+                progress.set_postfix(loss=f"{loss.item():.3f}")
+            if self.stop_requested(stop) and self.batch < len(batches):
+                complete = False
+                break
+        progress.close()
+        self.sums[:2] = [float(loss_sum), float(correct)]
+        return complete
+
+    def stop_requested(self, stop: StopRequest) -> bool:
+        if not self.procs.distributed:
+            return stop.requested
+        # every process must stop after the same batch, or DDP would wait forever for the missing ones
+        flag = torch.tensor([float(stop.requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def epoch_stats(self) -> tuple[float, float]:
+        """Mean loss and accuracy of the epoch over every process's images."""
+        sums = torch.tensor(self.sums, dtype=torch.float64, device=self.device)
+        if self.procs.distributed:
+            dist.all_reduce(sums)
+        loss_sum, correct, count = sums.tolist()
+        return loss_sum / max(count, 1), correct / max(count, 1)
+
+    def validate(self) -> tuple[float, float]:
+        """ProtoNet accuracy (mean, 95% CI) on the fixed validation episodes, from features computed once."""
+        a = self.args
+        features = extract_features(self.backbone, self.val_images, self.mean, self.std, self.device,
+                                    a.val_batch_size, self.channels_last, self.amp, desc="val features")
+        accuracies = evaluate_protonet(features.to(self.device), self.val_targets, a.way, a.shot, a.val_query,
+                                       a.val_episodes, a.val_seed, name=f"{a.dataset} val")
+        return mean_ci95(accuracies)
+
+    def end_epoch(self, epoch: int, lr: float, train_seconds: float, started: float) -> dict:
+        """Validate, log the epoch and write its checkpoints (main process only)."""
+        loss, acc = self.epoch_stats()
+        images, self.sums = self.sums[2], [0.0, 0.0, 0]  # last.pth must not carry them into the next epoch
+        record = {"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc": acc}
+        if self.procs.is_main:
+            val_acc, val_ci95 = self.validate()
+            if val_acc > self.max_acc:
+                self.max_acc, self.max_acc_epoch = val_acc, epoch
+                self.save_backbone(self.run_dir / "max_acc.pth", val_acc)
+            if epoch % SAVE_EVERY == 0:
+                self.save_backbone(self.run_dir / f"epoch-{epoch}.pth", val_acc)
+            self.save_last(val_acc)
+            seconds = time.perf_counter() - started
+            record.update(val_acc=val_acc, val_ci95=val_ci95, max_acc=self.max_acc, time=seconds,
+                          train_time=train_seconds,
+                          train_images_per_s=images * self.procs.world_size / max(train_seconds, 1e-9))
+            self.run.record(record)
+            print(f"epoch {epoch}: lr {lr:.4g} loss {loss:.4f} train acc {acc:.4f} val acc {val_acc:.4f} "
+                  f"+- {val_ci95:.4f} (best {self.max_acc:.4f} @ {self.max_acc_epoch}) {seconds:.0f} s", flush=True)
+        return record
+
+    def fit(self) -> dict:
+        """Train from ``self.epoch`` to ``--pre_max_epoch``; Ctrl-C saves ``last.pth`` and stops cleanly."""
+        if self.procs.is_main:
+            self.run = RunFolder(self.run_dir, self.args, resume=self.args.resume)
+            self.run.log.truncate_after("epoch", self.epoch)
+        with StopRequest() as stop:
+            for epoch in range(self.epoch + 1, self.args.pre_max_epoch + 1):
+                lr = self.begin_epoch()
+                started = time.perf_counter()
+                complete = self.train_epoch(epoch, stop)
+                if not complete:
+                    if self.procs.is_main:
+                        self.save_last(val_acc=float("nan"))
+                        print(f"stopped in epoch {epoch} after batch {self.batch}; continue with --resume "
+                              f"--run_dir {self.run_dir}", flush=True)
+                    raise SystemExit(130)
+                self.epoch, self.batch = epoch, 0
+                self.end_epoch(epoch, lr, time.perf_counter() - started, started)
+                if self.stop_requested(stop):
+                    if self.procs.is_main:
+                        print(f"stopped after epoch {epoch}; continue with --resume --run_dir {self.run_dir}")
+                    raise SystemExit(130)
+        return {"run_dir": str(self.run_dir), "max_acc": self.max_acc, "max_acc_epoch": self.max_acc_epoch,
+                "epochs": self.epoch}
+
+
+def flag_on(value: str, device: torch.device) -> bool:
+    """``auto`` -> on for CUDA, off elsewhere; ``on``/``off`` as said."""
+    return device.type == "cuda" if value == "auto" else value == "on"
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Run ``run_pre.py``: pretrain, validate each epoch, write the run folder. Returns the summary."""
+    device = resolve_device(args.device)
+    procs, device = init_processes(device)
+    try:
+        if args.run_dir is None:
+            if args.resume:
+                raise InputError("--resume needs --run_dir: the folder of the run to continue.")
+            args.run_dir = str(default_run_dir("pre", args.dataset, args.model_type))
+        set_seed(args.seed)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed 84x84 inputs: pick the fastest conv once
+        trainer = Pretrainer(args, device, procs)
+        if args.resume:
+            trainer.resume()
+        summary = trainer.fit()
+        if procs.is_main:
+            print(f"best val acc {summary['max_acc']:.4f} at epoch {summary['max_acc_epoch']}; "
+                  f"backbone: {Path(summary['run_dir']) / 'max_acc.pth'}")
+        return summary
+    finally:
+        if procs.distributed:
+            dist.destroy_process_group()
