@@ -1,0 +1,136 @@
+"""The semantic regressor's inner loop: batched reset equals a plain per-episode torch.optim.Adam loop, and
+carry mode carries."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.heads import semantic_regressor
+from models.inner_loop import (BatchedAdam, InnerLoopConfig, apply_regressors, fit_regressor, fit_regressors,
+                               semantic_queries)
+
+FEATURES, DIM = 640, 16
+# 20 steps with StepLR(8, 0.2) cover three learning-rate levels and keep the plain loop quick.
+CONFIG = InnerLoopConfig(steps=20, lr=0.01, weight_decay=1e-5, step_size=8, gamma=0.2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (minutes on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def episodes(count: int, support: int = 5, query: int = 6, seed: int = 0):
+    """support (B, S, F) non-negative like ReLU features, targets (B, S, D), query (B, Q, F), class vectors."""
+    g = torch.Generator().manual_seed(seed)
+    class_vectors = torch.randn(count, support, DIM, generator=g)
+    return (torch.rand(count, support, FEATURES, generator=g), class_vectors,
+            torch.rand(count, query, FEATURES, generator=g))
+
+
+def regressor(seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return semantic_regressor(FEATURES, DIM)
+
+
+def test_learning_rates_follow_step_lr():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=CONFIG.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=CONFIG.step_size, gamma=CONFIG.gamma)
+    expected = []
+    for _ in range(CONFIG.steps):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert CONFIG.learning_rates() == expected
+
+
+def test_batched_adam_matches_torch_adam_on_one_tensor():
+    g = torch.Generator().manual_seed(3)
+    param = torch.randn(4, 5, generator=g)
+    reference = param.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([reference], lr=0.01, weight_decay=1e-5)
+    ours = BatchedAdam([param], InnerLoopConfig(lr=0.01, weight_decay=1e-5))
+    for _ in range(5):
+        grad = torch.randn(4, 5, generator=g)
+        reference.grad = grad.clone()
+        optimizer.step()
+        ours.step([grad.clone()], 0.01)
+    torch.testing.assert_close(param, reference.detach(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("count", [1, 7, 64])
+def test_batched_reset_equals_per_episode_adam(count, dtype):
+    """Same weights and identical predictions. In float64 the two paths agree to rounding. In float32 they
+    agree to ~1e-5 except rare elements: once an episode's fit has converged its gradients are at rounding
+    level, Adam's m / sqrt(v) turns them into +-lr steps, and bmm over B episodes sums in another order
+    (and thread split) than one episode's matmul, so such an element may move by up to ~1e-4."""
+    support, targets, query = (t.to(dtype) for t in episodes(count, seed=count))
+    initial = regressor().to(dtype)
+    weights, biases = fit_regressors(initial.weight, initial.bias, support, targets, CONFIG)
+    batched_out = apply_regressors(weights, biases, query)
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-4
+    close_fraction = []
+    for b in range(count):
+        plain = copy.deepcopy(initial)
+        fit_regressor(plain, support[b], targets[b], CONFIG)
+        torch.testing.assert_close(weights[b], plain.weight.detach(), rtol=0, atol=tolerance)
+        torch.testing.assert_close(biases[b], plain.bias.detach(), rtol=0, atol=tolerance)
+        close_fraction.append(((weights[b] - plain.weight).abs() <= 1e-5).float().mean().item())
+        with torch.no_grad():
+            plain_out = plain(query[b])
+        torch.testing.assert_close(batched_out[b], plain_out, rtol=0, atol=10 * tolerance)
+        # identical predictions: the nearest class vector (cosine) of every query
+        def predict(out):
+            return F.normalize(out, dim=-1) @ F.normalize(targets[b], dim=-1).T
+        assert torch.equal(predict(batched_out[b]).argmax(-1), predict(plain_out).argmax(-1))
+    assert min(close_fraction) > 0.999
+    # the initial state is left as it was
+    torch.testing.assert_close(initial.weight, regressor().weight.to(dtype), rtol=0, atol=0)
+
+
+def test_reset_is_independent_of_the_episode_batch_and_leaves_the_regressor():
+    support, targets, query = (t.double() for t in episodes(9, seed=4))   # float64: see the test above
+    model = regressor().double()
+    before = copy.deepcopy(model.state_dict())
+    whole = semantic_queries(model, support, targets, query, CONFIG, "reset", episode_batch=9)
+    chunked = semantic_queries(model, support, targets, query, CONFIG, "reset", episode_batch=4)
+    torch.testing.assert_close(whole, chunked, rtol=0, atol=1e-6)
+    assert whole.shape == (9, 6, DIM) and not whole.requires_grad
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_carry_continues_from_the_previous_episode():
+    support, targets, query = episodes(2, seed=5)
+    carried = regressor()
+    out = semantic_queries(carried, support, targets, query, CONFIG, "carry")
+    by_hand = regressor()
+    fit_regressor(by_hand, support[0], targets[0], CONFIG)
+    after_first = copy.deepcopy(by_hand)
+    fit_regressor(by_hand, support[1], targets[1], CONFIG)       # episode 2 starts where episode 1 ended
+    torch.testing.assert_close(carried.weight, by_hand.weight, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(out[0], after_first(query[0]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out[1], by_hand(query[1]), rtol=0, atol=1e-6)
+    # ... which is not what a fresh start on episode 2 gives
+    fresh = regressor()
+    fit_regressor(fresh, support[1], targets[1], CONFIG)
+    assert (fresh.weight - carried.weight).abs().max() > 1e-3
+
+
+def test_inner_loop_runs_under_no_grad_and_reduces_the_loss():
+    support, targets, query = episodes(3, seed=6)
+    model = regressor()
+    with torch.no_grad():
+        before = (1 - F.cosine_similarity(model(support), targets, dim=-1)).mean()
+        weights, biases = fit_regressors(model.weight, model.bias, support, targets, CONFIG)
+        after = (1 - F.cosine_similarity(apply_regressors(weights, biases, support), targets, dim=-1)).mean()
+    assert after < before * 0.5

@@ -1,0 +1,195 @@
+"""The episodic trainer end to end on class-structured synthetic features, its episodes, flags and errors."""
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataloader.datasets import load_features
+from models.heads import HeadConfig, TasNet
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.evaluate import episode_indices
+from trainer.meta import (DATASET_DEFAULTS, MetaConfig, build_parser, cli, gather_episodes, main, outer_lr,
+                          resolve_auto)
+from utils import InputError, save_npz
+
+REPO = Path(__file__).resolve().parent.parent
+DIM = 12
+# small runs: 2 epochs x 8 episodes, 8 validation and 20 test episodes, 20 inner steps
+QUICK = ["--max_epoch", "2", "--num_batch", "8", "--val_episodes", "8", "--test_episodes", "20",
+         "--inner_steps", "20", "--device", "cpu", "--episode_batch", "16"]
+
+
+def write_synthetic(root: Path, dataset: str = "mini", model_type: str = "res12", dim: int = DIM,
+                    classes=(12, 6, 8), per_class: int = 25, noise: float = 1.0, seed: int = 0) -> Path:
+    """Features around one random mean per class (ReLU'd like a backbone's), class vectors a noisy linear
+    image of the class means, in the A1 layout under ``root``."""
+    rng = np.random.default_rng(seed)
+    projection = rng.normal(size=(dim, 640)) / np.sqrt(640)
+    for split, count in zip(("train", "val", "test"), classes):
+        means = rng.normal(size=(count, 640))
+        features = np.maximum(means[:, None] + noise * rng.normal(size=(count, per_class, 640)), 0)
+        targets = np.repeat(np.arange(count), per_class)
+        order = rng.permutation(len(targets))
+        save_npz(root / dataset / model_type / f"feat-{split}.npz",
+                 features=features.reshape(-1, 640)[order].astype(np.float32), targets=targets[order])
+        vectors = means @ projection.T + 0.1 * rng.normal(size=(count, dim))
+        save_npz(root / dataset / f"few-shot-wordemb-{split}.npz", features=vectors.astype(np.float32))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("meta-data"))
+
+
+def script_parser(name: str) -> argparse.ArgumentParser:
+    return runpy.run_path(str(REPO / name))["parser"]
+
+
+def run(script: str, data_root: Path, run_dir: Path, *flags: str) -> list[dict]:
+    args = script_parser(script).parse_args(["--data_root", str(data_root), "--run_dir", str(run_dir), *QUICK,
+                                             *flags])
+    return main(args)
+
+
+@pytest.mark.parametrize("script", ["run_fusion.py", "run_concatenation.py"])
+def test_defaults_lie_inside_their_choices_and_match_design(script):
+    parser = script_parser(script)
+    for action in parser._actions:
+        if action.choices is not None and action.default is not None:
+            defaults = action.default if isinstance(action.default, list) else [action.default]
+            assert all(d in action.choices for d in defaults), action.dest
+        if action.dest != "help":
+            assert action.help, f"--{action.dest} has no help"
+    args = parser.parse_args([])
+    assert (args.lamda, args.gradlr, args.max_epoch, args.num_batch, args.shot, args.dataset) == (
+        0.05, 0.01, 10, 100, [1, 5], "mini")
+    assert args.model_type == {"run_fusion.py": "res12", "run_concatenation.py": "wrn28"}[script]
+
+
+def test_dataset_defaults_come_from_the_table():
+    parser = build_parser()
+    def resolved(*flags):
+        return resolve_auto(parser.parse_args(list(flags)))
+    assert resolved("--head", "fusion", "--dataset", "cub").metric == "cosine"
+    assert resolved("--head", "fusion", "--dataset", "tiered").metric == "euclidean"
+    concat_tiered = resolved("--head", "concat", "--dataset", "tiered")
+    assert (concat_tiered.metric, concat_tiered.inner_step_size, concat_tiered.inner_gamma) == ("cosine", 50, 0.5)
+    concat_mini = resolved("--head", "concat")
+    assert (concat_mini.metric, concat_mini.inner_step_size, concat_mini.normalize_input) == ("euclidean", 10, "train")
+    assert resolved("--head", "concat", "--metric", "cosine", "--inner_step_size", "7").inner_step_size == 7
+    assert set(DATASET_DEFAULTS) >= {("fusion", "*"), ("concat", "*")}
+    config = MetaConfig.from_args(parser.parse_args(["--head", "concat", "--dataset", "cub"]), shot=5)
+    assert config.normalize(training=True) and not config.normalize(training=False)
+    assert (config.inner.step_size, config.inner.gamma, config.head.metric) == (50, 0.5, "cosine")
+
+
+def test_outer_lr_is_stepped_at_each_epoch_start():
+    args = argparse.Namespace(vlr=1e-3, gamma=0.5, step_size=10)
+    assert [outer_lr(e, args) for e in (1, 9, 10, 19, 20)] == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
+
+
+def test_episode_order_labels_and_semantic_targets(data_root):
+    split = load_features(data_root, "mini", "res12", "train")
+    config = MetaConfig.from_args(build_parser().parse_args([]), shot=2)
+    indices = episode_indices(split.targets, 5, 2, 3, 4, seed=0)
+    batch = gather_episodes(split, indices, config, query=3, training=False)
+    assert batch.support.shape == (4, 10, 640) and batch.query.shape == (4, 15, 640)
+    assert torch.equal(batch.query_labels, torch.arange(5).repeat(3))
+    labels = split.targets[indices]                                            # (4, 25) dataset classes
+    classes = labels[:, :5]
+    # shot-major: sample i of the support and of the query belongs to episode class i % way
+    assert torch.equal(labels, classes.repeat(1, 5))
+    assert torch.equal(batch.semantic_protos, split.class_vectors[classes])
+    assert torch.equal(batch.support_targets, split.class_vectors[classes.repeat(1, 2)])
+    assert torch.equal(batch.support, split.features[indices[:, :10]])
+
+
+def test_fusion_learns_and_eval_weights_reproduces_the_test(data_root, tmp_path):
+    (result,) = run("run_fusion.py", data_root, tmp_path / "f", "--shot", "1")
+    assert result["test_acc"] > 0.6                                          # chance is 0.2
+    saved = json.loads((tmp_path / "f" / "result.json").read_text())
+    for key in ("test_acc", "test_ci95", "test_episodes", "val_best_acc", "dataset", "model_type", "head", "shot",
+                "way", "setting", "inner_state", "seed", "episodes_per_s", "git_commit"):
+        assert key in saved, key
+    assert (saved["head"], saved["shot"], saved["inner_state"], saved["setting"]) == ("fusion", 1, "reset", "in")
+    for name in ("config.json", "log.jsonl", "max_acc.pth", "curves.png"):
+        assert (tmp_path / "f" / name).is_file()
+    assert len((tmp_path / "f" / "log.jsonl").read_text().splitlines()) == 2
+    (again,) = run("run_fusion.py", data_root, tmp_path / "e", "--shot", "1", "--eval_weights",
+                   str(tmp_path / "f" / "max_acc.pth"))
+    assert again["test_acc"] == result["test_acc"] and again["val_best_acc"] == result["val_best_acc"]
+    assert not (tmp_path / "e" / "log.jsonl").exists() or not (tmp_path / "e" / "log.jsonl").read_text()
+    # reset mode never changes the regressor: the checkpoint holds its seeded initial state
+    torch.manual_seed(1)
+    initial = TasNet(640, DIM, HeadConfig())
+    params = load_checkpoint(tmp_path / "f" / "max_acc.pth")["params"]
+    assert torch.equal(params["word_learner.weight"], initial.word_learner.weight.detach())
+
+
+def test_carry_concat_two_shots_saves_the_carried_regressor(data_root, tmp_path, capsys):
+    results = run("run_concatenation.py", data_root, tmp_path / "c", "--model_type", "res12", "--shot", "1", "5",
+                  "--inner_state", "carry")
+    assert [r["shot"] for r in results] == [1, 5] and all(r["inner_state"] == "carry" for r in results)
+    assert all(r["test_acc"] > 0.5 for r in results)
+    for shot in (1, 5):
+        assert (tmp_path / "c" / f"shot{shot}" / "result.json").is_file()
+    out = capsys.readouterr().out
+    assert "Test Acc " in out and "inner_state carry" in out
+    params = load_checkpoint(tmp_path / "c" / "shot1" / "max_acc.pth")["params"]
+    torch.manual_seed(1)
+    initial = TasNet(640, DIM, HeadConfig(head="concat"))
+    assert (params["word_learner.weight"] - initial.word_learner.weight).abs().max() > 1e-3
+    (again,) = run("run_concatenation.py", data_root, tmp_path / "ce", "--model_type", "res12", "--shot", "1",
+                   "--inner_state", "carry", "--eval_weights", str(tmp_path / "c" / "shot1" / "max_acc.pth"))
+    assert again["test_acc"] == results[0]["test_acc"]
+
+
+@pytest.mark.parametrize("inner_state", ["reset", "carry"])
+def test_transductive_runs_on_cpu(data_root, tmp_path, inner_state):
+    (result,) = run("run_fusion.py", data_root, tmp_path / "t", "--shot", "1", "--setting", "tran",
+                    "--inner_state", inner_state, "--max_epoch", "1", "--kmeans_n_init", "3")
+    assert result["setting"] == "tran" and 0.2 < result["test_acc"] <= 1.0
+
+
+def test_input_errors_name_the_problem(data_root, tmp_path, capsys):
+    parser = script_parser("run_fusion.py")
+    def error(*flags) -> str:
+        with pytest.raises(InputError) as info:
+            main(parser.parse_args(["--data_root", str(data_root), "--run_dir", str(tmp_path / "x"), *QUICK,
+                                    *flags]))
+        return str(info.value)
+    assert "--way" in error("--setting", "tran", "--way", "1")
+    backbone = tmp_path / "backbone.pth"
+    save_checkpoint(backbone, {"conv1.weight": torch.zeros(2)}, kind="backbone")
+    assert "--init_weights" in error("--eval_weights", str(backbone))
+    wrong_dim = tmp_path / "wrong.pth"
+    save_checkpoint(wrong_dim, {"feat_learner.weight": torch.zeros(7, 640), "feat_learner.bias": torch.zeros(7),
+                                "word_learner.weight": torch.zeros(7, 640), "word_learner.bias": torch.zeros(7)},
+                    kind="meta", semantic_dim=7, head="fusion")
+    message = error("--eval_weights", str(wrong_dim))
+    assert str(wrong_dim) in message and "D = 7" in message and f"D = {DIM}" in message
+    message = error("--dataset", "cub")
+    assert "run_pre.py" in message and "trainer.extract" in message
+    assert cli(parser, ["--data_root", str(data_root), "--lamda", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: --lamda")
+
+
+def test_missing_features_are_extracted_from_init_weights_and_cached(tiny_image_root, tmp_path):
+    from models import build_backbone
+
+    torch.manual_seed(0)
+    backbone = tmp_path / "conv4.pth"                  # a CPU-sized backbone: this test is about the plumbing
+    save_checkpoint(backbone, build_backbone("conv4").state_dict(), kind="backbone")
+    (result,) = run("run_fusion.py", tiny_image_root, tmp_path / "x", "--model_type", "conv4", "--shot", "1",
+                    "--way", "2", "--train_query", "2", "--val_query", "2", "--test_query", "2", "--max_epoch", "1",
+                    "--num_batch", "2", "--val_episodes", "2", "--test_episodes", "4", "--init_weights", str(backbone))
+    for split in ("train", "val", "test"):
+        assert (tiny_image_root / "mini" / "conv4" / f"feat-{split}.npz").is_file()
+    assert result["semantic_dim"] == 4 and 0 <= result["test_acc"] <= 1
