@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     # run
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     add("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
+    add("--deterministic", action="store_true",
+        help="torch.use_deterministic_algorithms and no cuDNN benchmarking: repeatable CUDA runs, slower "
+             "(CPU runs repeat without it)")
     add("--run_dir", default=None, help="run folder (default runs/pre_<dataset>_<model_type>-<time>)")
     add("--resume", action="store_true", help="continue from <run_dir>/last.pth")
     return parser

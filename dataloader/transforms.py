@@ -6,6 +6,9 @@ NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, f
     "res12": (tuple(v / 255.0 for v in (120.39586422, 115.59361427, 104.54012653)),
               tuple(v / 255.0 for v in (70.68188272, 68.27635443, 72.54505529))),
     "wrn28": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # Conv-4 (not in the original release; the demo's backbone): the ImageNet statistics, as a generic choice
+    "conv4": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "conv4_28": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 

@@ -111,44 +111,46 @@ def test_episode_order_labels_and_semantic_targets(data_root):
     assert torch.equal(batch.support, split.features[indices[:, :10]])
 
 
-def test_fusion_learns_and_eval_weights_reproduces_the_test(data_root, tmp_path):
-    (result,) = run("run_fusion.py", data_root, tmp_path / "f", "--shot", "1")
-    assert result["test_acc"] > 0.6                                          # chance is 0.2
-    saved = json.loads((tmp_path / "f" / "result.json").read_text())
+def test_fusion_learns_two_shots_and_eval_weights_reproduces_the_test(data_root, tmp_path):
+    results = run("run_fusion.py", data_root, tmp_path / "f", "--shot", "1", "5")
+    assert [r["shot"] for r in results] == [1, 5]
+    assert all(r["test_acc"] > 0.6 for r in results)                          # chance is 0.2
+    folder = tmp_path / "f" / "shot1"
+    saved = json.loads((folder / "result.json").read_text())
     for key in ("test_acc", "test_ci95", "test_episodes", "val_best_acc", "dataset", "model_type", "head", "shot",
                 "way", "setting", "inner_state", "seed", "episodes_per_s", "git_commit"):
         assert key in saved, key
     assert (saved["head"], saved["shot"], saved["inner_state"], saved["setting"]) == ("fusion", 1, "reset", "in")
-    for name in ("config.json", "log.jsonl", "max_acc.pth", "curves.png"):
-        assert (tmp_path / "f" / name).is_file()
-    assert len((tmp_path / "f" / "log.jsonl").read_text().splitlines()) == 2
+    for shot in (1, 5):
+        for name in ("config.json", "log.jsonl", "max_acc.pth", "curves.png", "result.json"):
+            assert (tmp_path / "f" / f"shot{shot}" / name).is_file()
+    assert len((folder / "log.jsonl").read_text().splitlines()) == 2
     (again,) = run("run_fusion.py", data_root, tmp_path / "e", "--shot", "1", "--eval_weights",
-                   str(tmp_path / "f" / "max_acc.pth"))
-    assert again["test_acc"] == result["test_acc"] and again["val_best_acc"] == result["val_best_acc"]
+                   str(folder / "max_acc.pth"))
+    assert again["test_acc"] == results[0]["test_acc"] and again["val_best_acc"] == results[0]["val_best_acc"]
+    assert (tmp_path / "e" / "result.json").is_file()
     assert not (tmp_path / "e" / "log.jsonl").exists() or not (tmp_path / "e" / "log.jsonl").read_text()
     # reset mode never changes the regressor: the checkpoint holds its seeded initial state
     torch.manual_seed(1)
     initial = TasNet(640, DIM, HeadConfig())
-    params = load_checkpoint(tmp_path / "f" / "max_acc.pth")["params"]
+    params = load_checkpoint(folder / "max_acc.pth")["params"]
     assert torch.equal(params["word_learner.weight"], initial.word_learner.weight.detach())
 
 
-def test_carry_concat_two_shots_saves_the_carried_regressor(data_root, tmp_path, capsys):
-    results = run("run_concatenation.py", data_root, tmp_path / "c", "--model_type", "res12", "--shot", "1", "5",
-                  "--inner_state", "carry")
-    assert [r["shot"] for r in results] == [1, 5] and all(r["inner_state"] == "carry" for r in results)
-    assert all(r["test_acc"] > 0.5 for r in results)
-    for shot in (1, 5):
-        assert (tmp_path / "c" / f"shot{shot}" / "result.json").is_file()
+def test_carry_concat_saves_the_carried_regressor_and_eval_reproduces(data_root, tmp_path, capsys):
+    (result,) = run("run_concatenation.py", data_root, tmp_path / "c", "--model_type", "res12", "--shot", "1",
+                    "--inner_state", "carry")
+    assert result["inner_state"] == "carry" and result["test_acc"] > 0.5
+    assert (tmp_path / "c" / "result.json").is_file()
     out = capsys.readouterr().out
     assert "Test Acc " in out and "inner_state carry" in out
-    params = load_checkpoint(tmp_path / "c" / "shot1" / "max_acc.pth")["params"]
+    params = load_checkpoint(tmp_path / "c" / "max_acc.pth")["params"]
     torch.manual_seed(1)
     initial = TasNet(640, DIM, HeadConfig(head="concat"))
     assert (params["word_learner.weight"] - initial.word_learner.weight).abs().max() > 1e-3
     (again,) = run("run_concatenation.py", data_root, tmp_path / "ce", "--model_type", "res12", "--shot", "1",
-                   "--inner_state", "carry", "--eval_weights", str(tmp_path / "c" / "shot1" / "max_acc.pth"))
-    assert again["test_acc"] == results[0]["test_acc"]
+                   "--inner_state", "carry", "--eval_weights", str(tmp_path / "c" / "max_acc.pth"))
+    assert again["test_acc"] == result["test_acc"]
 
 
 @pytest.mark.parametrize("inner_state", ["reset", "carry"])

@@ -47,9 +47,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch >= 2.6 opens with a paragraph about its default; the line naming the refused object says more
+        lines = [line for line in str(err).splitlines() if line.strip()] or [""]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0])
         raise InputError(
             f"{path}: refused: the checkpoint carries pickled Python objects beyond tensors and plain data, which "
-            f"could run code when loaded (torch.load weights_only=True said: {str(err).splitlines()[0]}). If you "
+            f"could run code when loaded (torch.load weights_only=True said: {reason}). If you "
             f"trust its source, re-save just its tensors as {{'params': state_dict}}.") from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise InputError(f"{path}: cannot read the checkpoint ({str(err).splitlines()[0]}); the file is "
@@ -108,6 +111,12 @@ def describe_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, 
     return "; ".join(parts)
 
 
+# Where each kind of checkpoint comes from, for the message when the other kind is passed.
+_KIND_SOURCES = {"backbone": "--init_weights takes a backbone: the max_acc.pth of run_pre.py",
+                 "meta": "--eval_weights takes a meta model: the max_acc.pth of run_fusion.py or "
+                         "run_concatenation.py"}
+
+
 def load_weights(module: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu",
                  kind: str | None = None) -> dict:
     """Load a checkpoint into ``module`` after checking every key and shape; returns the checkpoint dict.
@@ -118,7 +127,8 @@ def load_weights(module: nn.Module, path: str | os.PathLike, map_location: str |
     """
     ckpt = load_checkpoint(path, map_location)
     if kind is not None and ckpt.get("kind", kind) != kind:
-        raise InputError(f"{path}: this is a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed here.")
+        raise InputError(f"{path}: this is a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed here "
+                         f"({_KIND_SOURCES[kind]}).")
     state_dict = strip_prefixes(ckpt["params"])
     problem = describe_mismatch(module.state_dict(), state_dict)
     if problem:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from dataloader.batch_augment import eval_transform, torchvision_train_transform, train_augment
 from dataloader.datasets import ImageDataset, load_images
+from dataloader.sampler import EpisodeSampler
 from dataloader.transforms import normalization
 from models import build_backbone
 from trainer.checkpoint import load_weights, save_checkpoint
@@ -295,7 +296,8 @@ class Pretrainer:
         """Continue from ``<run_dir>/last.pth`` (model, optimiser, scheduler, position, RNG states)."""
         path = self.run_dir / "last.pth"
         if not path.is_file():
-            raise InputError(f"--resume: {path} not found; pass the --run_dir of the run to continue.")
+            raise InputError(f"--resume: {path} not found; pass the --run_dir of the run to continue (a run "
+                             f"killed in its first epoch has none: start it again without --resume).")
         ckpt = load_weights(self.backbone, path, map_location=self.device, kind="backbone")
         if "optimizer" not in ckpt:
             raise InputError(f"--resume: {path} holds no training state (is it a plain backbone checkpoint?).")
@@ -398,6 +400,9 @@ class Pretrainer:
 
     def fit(self) -> dict:
         """Train from ``self.epoch`` to ``--pre_max_epoch``; Ctrl-C saves ``last.pth`` and stops cleanly."""
+        a = self.args
+        # refuse validation episodes the split cannot fill now, not after the first epoch of training
+        EpisodeSampler(self.val_targets, a.way, a.shot, a.val_query, a.val_episodes, name=f"{a.dataset} val")
         if self.procs.is_main:
             self.run = RunFolder(self.run_dir, self.args, resume=self.args.resume)
             self.run.log.truncate_after("epoch", self.epoch)
@@ -436,8 +441,8 @@ def main(args: argparse.Namespace) -> dict:
             if args.resume:
                 raise InputError("--resume needs --run_dir: the folder of the run to continue.")
             args.run_dir = str(default_run_dir("pre", args.dataset, args.model_type))
-        set_seed(args.seed)
-        if device.type == "cuda":
+        set_seed(args.seed, args.deterministic)
+        if device.type == "cuda" and not args.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed 84x84 inputs: pick the fastest conv once
         trainer = Pretrainer(args, device, procs)
         if args.resume:

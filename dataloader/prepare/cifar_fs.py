@@ -82,7 +82,8 @@ def read_cifar_pickle(path: Path, labels_key: str) -> tuple[np.ndarray, np.ndarr
 
 def cifar_fs_from_pickles(raw: Path) -> Splits:
     """Plans and images from ``CIFAR_FS_<split>.pickle`` (keys data, labels)."""
-    paths = {split: require_file(raw / f"CIFAR_FS_{split}.pickle") for split in SPLITS}
+    paths = {split: require_file(raw / f"CIFAR_FS_{split}.pickle", "CIFAR-FS needs CIFAR_FS_train.pickle, "
+                                 "CIFAR_FS_val.pickle and CIFAR_FS_test.pickle in --raw.") for split in SPLITS}
     fine_names = cifar_fine_names(raw)
     result = []
     for split, path in paths.items():
