@@ -1,0 +1,266 @@
+"""The embedded demo end to end (``run_demo.py``): every stage of the method on a CPU in minutes.
+
+1. data      ``<data_root>/demo``: drawn by :mod:`dataloader.demo` when absent (kept when already there)
+2. pretrain  the backbone on the 48 training classes (``trainer.pre``, run_pre.py's recipe, few epochs)
+3. features  ``<data_root>/demo/<backbone>/feat-<split>.npz`` from this run's best backbone (re-extracted
+             every run, so they always belong to the backbone of the run)
+4. protonet  the ProtoNet baseline of that backbone (``trainer.evaluate.proto_baseline``)
+5. fusion    TasNet, fusion head (``trainer.meta``), trained and tested per shot
+6. concat    TasNet, concatenation head, the same
+then one table of test accuracies (mean +- 95% CI) on the same fixed test episodes for every method.
+
+The run folder::
+
+    <run_dir>/pretrain/          run_pre.py's folder: config.json, log.jsonl, curves.png, max_acc.pth, last.pth
+    <run_dir>/protonet/          result.json
+    <run_dir>/fusion/shot<K>/    config.json, log.jsonl, curves.png, max_acc.pth, result.json
+    <run_dir>/concat/shot<K>/    the same
+    <run_dir>/results.json       the table, the settings and the wall time of every stage
+    <run_dir>/results.md         the table as markdown
+
+Every stage goes through its own script's parser (run_pre.py, run_proto.py, trainer.meta), so it runs with
+that script's defaults except for the flags the demo sets here.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from dataloader.datasets import SPLITS
+from dataloader.demo import SPLIT_SIZES, ensure_demo_dataset
+from trainer.runs import default_run_dir
+from utils import InputError, resolve_device, resolve_path, save_json
+from utils.io import atomic_write
+
+DATASET = "demo"
+HEADS = ("fusion", "concat")
+METHOD_NAMES = {"protonet": "ProtoNet baseline", "fusion": "TasNet fusion", "concat": "TasNet concat"}
+DESCRIPTION = "synthetic colour-pattern-shape images, real GloVe 6B 50-d semantics"
+BACKBONE_NOTES = {
+    "conv4_28": "Conv-4 on the images average-pooled from 84x84 to 28x28, 64-d features",
+    "conv4": "Conv-4 at 84x84, 64-d features",
+    "res12": "ResNet-12, 640-d features",
+    "wrn28": "WRN-28-10, 640-d features",
+}
+
+# What --quick changes (CI: every stage runs, in well under 3 minutes on 2 cores). 20 images per class is
+# the least a 5-shot episode with 15 queries needs.
+QUICK = dict(images_per_class=20, pre_epochs=1, pre_val_episodes=50, max_epoch=1, num_batch=20,
+             val_episodes=20, test_episodes=100)
+# --quick draws its smaller dataset into <data_root>/quick/demo, leaving a full-size <data_root>/demo alone.
+QUICK_SUBFOLDER = "quick"
+
+
+def apply_quick(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` with the :data:`QUICK` settings when ``args.quick`` (else an unchanged copy)."""
+    args = argparse.Namespace(**vars(args))
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+        args.data_root = str(resolve_path(args.data_root) / QUICK_SUBFOLDER)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse settings that would fail only minutes into the run."""
+    for name in ("images_per_class", "pre_epochs", "pre_val_episodes", "max_epoch", "num_batch", "val_episodes",
+                 "test_episodes", "query"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if min(args.shot) < 1:
+        raise InputError(f"--shot must list positive numbers, got {args.shot}.")
+    fewest_classes = min(SPLIT_SIZES.values())
+    if not 2 <= args.way <= fewest_classes:
+        raise InputError(f"--way {args.way}: the demo's smallest split has {fewest_classes} classes; choose 2 to "
+                         f"{fewest_classes}.")
+    needed = max(args.shot) + args.query
+    if args.images_per_class < needed:
+        raise InputError(f"--images_per_class {args.images_per_class}: a {max(args.shot)}-shot episode with "
+                         f"--query {args.query} needs {needed} images per class; draw more or lower --query.")
+    if args.threads < 0:
+        raise InputError(f"--threads must be >= 0 (0: PyTorch's default), got {args.threads}.")
+
+
+class Stages:
+    """Prints a header per stage and records its wall time."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names, self.seconds = names, {}
+        self._current, self._started = None, 0.0
+
+    def start(self, name: str, what: str) -> None:
+        self.finish()
+        self._current, self._started = name, time.perf_counter()
+        print(f"\n== [{self.names.index(name) + 1}/{len(self.names)}] {name}: {what}", flush=True)
+
+    def finish(self) -> None:
+        if self._current is not None:
+            self.seconds[self._current] = time.perf_counter() - self._started
+            print(f"== {self._current} done in {self.seconds[self._current]:.0f} s", flush=True)
+            self._current = None
+
+
+def pretrain(args: argparse.Namespace, run_dir: Path) -> tuple[Path, float]:
+    """Stage 2: run_pre.py on the demo data; returns the best backbone checkpoint and its validation accuracy."""
+    import run_pre
+    from trainer.pre import main as pretrain_main
+
+    pre_args = run_pre.build_parser().parse_args([
+        "--dataset", DATASET, "--data_root", args.data_root, "--model_type", args.model_type,
+        "--pre_max_epoch", str(args.pre_epochs), "--pre_lr", str(args.pre_lr),
+        "--pre_step_size", str(args.pre_step_size), "--val_episodes", str(args.pre_val_episodes),
+        "--seed", str(args.seed), "--device", args.device, "--run_dir", str(run_dir)])
+    summary = pretrain_main(pre_args)
+    return Path(summary["run_dir"]) / "max_acc.pth", summary["max_acc"]
+
+
+def extract(args: argparse.Namespace, weights: Path, device: torch.device) -> dict[str, Path]:
+    """Stage 3: features of every split from ``weights``, replacing any cached ones."""
+    from trainer.extract import extract_splits, load_backbone
+
+    backbone = load_backbone(args.model_type, weights, device)
+    return extract_splits(backbone, args.data_root, DATASET, args.model_type, device, SPLITS, source=str(weights))
+
+
+def protonet(args: argparse.Namespace, weights: Path, run_dir: Path) -> dict[int, dict]:
+    """Stage 4: run_proto.py on the cached features; returns shot -> {acc, ci95}."""
+    import run_proto
+    from trainer.evaluate import proto_baseline
+
+    proto_args = run_proto.build_parser().parse_args([
+        "--dataset", DATASET, "--data_root", args.data_root, "--model_type", args.model_type,
+        "--init_weights", str(weights), "--features", "cache", "--way", str(args.way),
+        "--shot", *map(str, args.shot), "--query", str(args.query), "--episodes", str(args.test_episodes),
+        "--seed", str(args.seed), "--device", args.device, "--run_dir", str(run_dir)])
+    result = proto_baseline(proto_args)
+    return {shot: result["shots"][str(shot)] for shot in args.shot}
+
+
+def meta(args: argparse.Namespace, head: str, weights: Path, run_dir: Path) -> dict[int, dict]:
+    """Stages 5 and 6: the meta stage with ``head`` for every shot; returns shot -> {acc, ci95, ...}."""
+    from trainer.meta import build_parser
+    from trainer.meta import main as meta_main
+
+    meta_args = build_parser().parse_args([
+        "--head", head, "--dataset", DATASET, "--data_root", args.data_root, "--model_type", args.model_type,
+        "--init_weights", str(weights), "--way", str(args.way), "--shot", *map(str, args.shot),
+        "--train_query", str(args.query), "--val_query", str(args.query), "--test_query", str(args.query),
+        "--max_epoch", str(args.max_epoch), "--num_batch", str(args.num_batch),
+        "--val_episodes", str(args.val_episodes), "--test_episodes", str(args.test_episodes),
+        "--inner_state", args.inner_state, "--seed", str(args.seed), "--device", args.device,
+        "--run_dir", str(run_dir)])
+    results = meta_main(meta_args)
+    return {r["shot"]: {"acc": r["test_acc"], "ci95": r["test_ci95"], "inner_state": r["inner_state"],
+                        "metric": r["metric"], "lamda": r["lamda"], "normalize_input": r["normalize_input"],
+                        "val_best_acc": r["val_best_acc"], "val_best_epoch": r["val_best_epoch"]}
+            for r in results}
+
+
+def format_table(table: dict[str, dict[int, dict]], args: argparse.Namespace) -> list[str]:
+    """The plain-text table: one row per method, one column per shot, ``mean +- ci95``."""
+    lines = [f"Demo ({DESCRIPTION}), {args.test_episodes} test episodes, {args.way}-way",
+             (f"{'method':<20}" + "".join(f"{f'{shot}-shot':<18}" for shot in args.shot)).rstrip()]
+    for method, shots in table.items():
+        cells = "".join(f"{shots[shot]['acc']:.4f} +- {shots[shot]['ci95']:.4f}  " for shot in args.shot)
+        lines.append(f"{METHOD_NAMES[method]:<20}{cells.rstrip()}")
+    return lines
+
+
+def footer(args: argparse.Namespace, pre_acc: float, table: dict[str, dict[int, dict]]) -> list[str]:
+    """What the table was measured with, below it."""
+    fusion, concat = table["fusion"][args.shot[0]], table["concat"][args.shot[0]]
+    return [
+        f"backbone {args.model_type} ({BACKBONE_NOTES.get(args.model_type, 'see models/')}), pretrained "
+        f"{args.pre_epochs} epoch(s) (best validation ProtoNet 1-shot {pre_acc:.4f})",
+        f"meta stage: {args.max_epoch} epoch(s) x {args.num_batch} training episodes, {args.val_episodes} "
+        f"validation episodes per epoch (the paper: 10 x 100), {args.query} queries per class; fusion: lamda "
+        f"{fusion['lamda']} (weight of the visual part), {fusion['metric']} metric; concat: {concat['metric']} "
+        f"metric, input features L2-normalised: {concat['normalize_input']}",
+        f"inner_state {args.inner_state}: "
+        + ("every episode fits the semantic regressor from the same state (independent test episodes)"
+           if args.inner_state == "reset" else
+           "the regressor carries over from episode to episode, as the original release (test episodes are "
+           "not independent)"),
+        f"all methods are scored on the same {args.test_episodes} test episodes (seed {args.seed})",
+    ]
+
+
+def markdown(table: dict[str, dict[int, dict]], args: argparse.Namespace, notes: list[str]) -> str:
+    header = f"# Demo results\n\n{DESCRIPTION}, {args.test_episodes} test episodes, {args.way}-way\n\n"
+    rows = ["| method | " + " | ".join(f"{shot}-shot" for shot in args.shot) + " |",
+            "|---|" + "---|" * len(args.shot)]
+    for method, shots in table.items():
+        rows.append(f"| {METHOD_NAMES[method]} | "
+                    + " | ".join(f"{shots[s]['acc']:.4f} +- {shots[s]['ci95']:.4f}" for s in args.shot) + " |")
+    return header + "\n".join(rows) + "\n\n" + "".join(f"- {note}\n" for note in notes)
+
+
+def check_results(table: dict[str, dict[int, dict]]) -> None:
+    """Every accuracy must be a finite number in [0, 1] (a NaN here means a stage diverged)."""
+    for method, shots in table.items():
+        for shot, cell in shots.items():
+            if not (math.isfinite(cell["acc"]) and 0.0 <= cell["acc"] <= 1.0 and math.isfinite(cell["ci95"])):
+                raise RuntimeError(f"{method} {shot}-shot: accuracy {cell['acc']} +- {cell['ci95']} is not a "
+                                   f"finite fraction; see its run folder.")
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """``run_demo.py``: every stage, then the table (printed, and saved in the run folder). Returns results.json."""
+    started = time.perf_counter()
+    args = apply_quick(args)
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    run_dir = resolve_path(args.run_dir) if args.run_dir else default_run_dir(DATASET)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"demo run folder: {run_dir} (device {device}, {torch.get_num_threads()} thread(s))", flush=True)
+
+    stages = Stages(("data", "pretrain", "features", "protonet") + HEADS)
+    stages.start("data", f"demo dataset in {resolve_path(args.data_root) / DATASET} "
+                         f"({args.images_per_class} images per class; drawn only when absent)")
+    data_dir = ensure_demo_dataset(args.data_root, seed=args.data_seed, images_per_class=args.images_per_class)
+    stages.start("pretrain", f"{args.model_type} for {args.pre_epochs} epoch(s) on the {SPLIT_SIZES['train']} "
+                             f"training classes")
+    weights, pre_acc = pretrain(args, run_dir / "pretrain")
+    stages.start("features", f"{args.model_type} features of every split from {weights}")
+    feature_files = extract(args, weights, device)
+    table = {}
+    stages.start("protonet", f"ProtoNet baseline, {args.test_episodes} test episodes")
+    table["protonet"] = protonet(args, weights, run_dir / "protonet")
+    for head in HEADS:
+        stages.start(head, f"TasNet {head}: {args.max_epoch} epoch(s) x {args.num_batch} episodes, then "
+                           f"{args.test_episodes} test episodes, per shot")
+        table[head] = meta(args, head, weights, run_dir / head)
+    stages.finish()
+    check_results(table)
+
+    notes = footer(args, pre_acc, table)
+    total = time.perf_counter() - started
+    timing = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.seconds.items())
+    notes.append(f"wall time {total:.0f} s ({timing}); run folder {run_dir}")
+    results = {
+        "table": {method: {str(shot): cell for shot, cell in shots.items()} for method, shots in table.items()},
+        "notes": notes, "stage_seconds": stages.seconds, "total_seconds": total, "run_dir": str(run_dir),
+        "data_dir": str(data_dir), "backbone_checkpoint": str(weights),
+        "feature_files": {split: str(path) for split, path in feature_files.items()},
+        "result_files": {"protonet": [str(run_dir / "protonet" / "result.json")],
+                         **{head: [str(meta_result_path(run_dir / head, shot, args.shot)) for shot in args.shot]
+                            for head in HEADS}},
+        "config": vars(args),
+    }
+    save_json(run_dir / "results.json", results)
+    with atomic_write(run_dir / "results.md", "w") as f:
+        f.write(markdown(table, args, notes))
+    print("\n" + "\n".join(format_table(table, args) + [""] + notes), flush=True)
+    return results
+
+
+def meta_result_path(head_dir: Path, shot: int, shots: list[int]) -> Path:
+    """Where ``trainer.meta`` writes the result of ``shot``: one sub-folder per shot when there are several."""
+    return head_dir / f"shot{shot}" / "result.json" if len(shots) > 1 else head_dir / "result.json"
+
