@@ -1,0 +1,164 @@
+"""Speed measurements: each script prints one JSON line of figures (never timed assertions in tests).
+
+    python bench/meta.py --device cpu --threads 1      # meta stage: episodes/s against a plain reference
+    python bench/pretrain.py --device cuda             # pretraining: input pipelines, training steps, an epoch
+    bash bench/gpu.sh                                  # both, sized for a few minutes on one GPU
+
+This module holds what both scripts share: the common flags, the machine description, timing with a device
+sync, and peak memory. Results go to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from utils import git_commit, resolve_device
+
+PROC_STATUS = Path("/proc/self/status")
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the flags every bench script takes: --device, --threads, --seed and --quick."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add("--threads", type=int, default=0,
+        help="torch CPU threads (0: torch's default). On a CPU shared with other jobs, 1 avoids the spin-waits "
+             "of oversubscribed OpenMP threads, which can make every figure several times slower")
+    add("--seed", type=int, default=0, help="seeds the synthetic data and the models")
+    add("--quick", action="store_true", help="tiny sizes: a smoke test in seconds, not a measurement")
+    return parser
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply --threads and --seed; return the device."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return resolve_device(args.device)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` prints it (from /proc/cpuinfo), or the platform's processor string."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return found.group(1).strip() if found else (platform.processor() or "unknown")
+
+
+def machine(device: torch.device) -> dict:
+    """What a figure was measured on: device, torch version, threads, CPU, load average and commit."""
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "load_avg": list(os.getloadavg()),
+            "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(work: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Seconds that ``work()`` takes, device work included (synchronised before and after); and its result."""
+    synchronize(device)
+    started = time.perf_counter()
+    result = work()
+    synchronize(device)
+    return time.perf_counter() - started, result
+
+
+def _vm_hwm_mb() -> float | None:
+    """Peak resident set size of this process in MiB (VmHWM), None where /proc is absent."""
+    try:
+        found = re.search(r"^VmHWM:\s*(\d+)\s*kB", PROC_STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(found.group(1)) / 1024 if found else None
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict]:
+    """Measure the peak memory of the block into the yielded dict: ``peak_mb`` and how it was measured.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, reset at entry). CPU: the peak resident set size
+    (VmHWM), reset at entry by writing 5 to /proc/self/clear_refs where the kernel allows it; otherwise the
+    process's peak since start, an upper bound (``peak_kind`` says which).
+    """
+    record: dict = {}
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield record
+        synchronize(device)
+        record.update(peak_mb=torch.cuda.max_memory_allocated(device) / 2**20, peak_kind="cuda_max_allocated")
+        return
+    kind = "rss_block"
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        kind = "rss_process"
+    yield record
+    record.update(peak_mb=_vm_hwm_mb(), peak_kind=kind)
+
+
+def emit(record: dict) -> None:
+    """Print the one JSON line of a bench script (floats rounded to 4 significant digits)."""
+    print(json.dumps(_rounded(record), separators=(",", ":")), flush=True)
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def print_summary(path: str | Path) -> None:
+    """A short table of the figures in a JSON-lines file of bench results (what ``bench/gpu.sh`` prints last)."""
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        print(f"{record['bench']} on {record.get('gpu', record['cpu'])}, torch {record['torch']}, "
+              f"load {record['load_avg']}")
+        if record["bench"] == "pretrain":
+            for row in record["pipeline"]:
+                print(f"  pipeline {row['impl']:13} batch {row['batch_size']:4}: {row['images_per_s']:9.0f} img/s")
+            for row in record["steps"]:
+                variant = f"{row['precision']}{' channels_last' if row['channels_last'] else ''}" \
+                          f"{' compile' if row['compile'] else ''}"
+                print(f"  step {row['model']:6} batch {row['batch_size']:4} {variant:26}: "
+                      f"{row['images_per_s']:7.0f} img/s, peak {row['peak_mb']:.0f} MB")
+            for row in record["epoch"]:
+                print(f"  epoch --augment {row['augment']:5} amp {row['amp']!s:5}: {row['images']} images in "
+                      f"{row['seconds']:.1f} s = {row['images_per_s']:.0f} img/s")
+            print(f"  ratios {record['ratios']}")
+        else:
+            rows = {(r["impl"], r["head"], r["shot"], r["mode"], r["phase"]): r for r in record["rows"]}
+            for (impl, head, shot, mode, phase), row in rows.items():
+                if impl != "reference" or phase != "eval":
+                    continue
+                line = f"  {head:6} {shot}-shot: reference {row['episodes_per_s']:6.1f} ep/s"
+                for mode_ in ("carry", "reset"):
+                    ours = rows.get(("ours", head, shot, mode_, "test"))
+                    if ours:
+                        line += (f" | {mode_} test {ours['episodes_per_s']:7.1f} ep/s "
+                                 f"({ours['episodes_per_s'] / row['episodes_per_s']:.1f}x, "
+                                 f"{600 / ours['episodes_per_s']:.1f} s per 600, peak {ours['peak_mb']:.0f} MB)")
+                print(line)

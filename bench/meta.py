@@ -1,0 +1,297 @@
+"""Meta-stage speed: episodes/s of the trainer's episodes against a plain per-episode reference.
+
+    python bench/meta.py --device cpu --threads 1 --episodes 60 --ref_episodes 20
+    python bench/meta.py --device cuda                       # 600 test episodes per setting
+
+On synthetic class-structured features held in memory (64 / 16 / 20 classes x 600 samples x 640-d, class
+vectors of ``--dim``), for each head (fusion, concat), shot (1, 5) and inner-loop mode (carry, reset), it
+times the project's own code (``trainer.meta.train_epoch`` and ``trainer.meta.evaluate``) on training,
+validation and test episodes, and a plain reference written here that does what the original does per
+episode: 100 ``torch.optim.Adam`` steps (StepLR) on one ``nn.Linear(640, D)`` with loss mean(1 - cos), then
+the head, one episode at a time (plus the outer Adam step in training). Both run in this process on the same
+episodes; the reference carries its regressor over (the original), so in carry mode both give the same
+accuracies. Only steady state is timed (every measurement is preceded by a warm-up on other episodes).
+
+Prints one JSON line: ``rows`` (one per implementation, setting and phase: episodes, seconds, episodes/s,
+mean accuracy, peak memory), ``ratios`` (ours / reference episodes/s) and ``test_600_s`` (the wall time of a
+600-episode test, measured when ``--episodes`` is 600, else extrapolated from the measured rate).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a file: put the repository root on the import path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import bench_parser, emit, machine, peak_memory, setup, timed
+from dataloader.datasets import FeatureSplit
+from dataloader.sampler import EpisodeSampler, episode_labels
+from models.inner_loop import INNER_STATES
+from trainer.evaluate import episode_indices
+from trainer.meta import MetaConfig, build_model, build_parser, evaluate, train_epoch
+
+FEATURE_DIM = 640
+WAY, QUERY = 5, 15  # the run scripts' episodes: 5-way, 15 queries per class in every phase
+PHASES = ("train", "val", "test")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = bench_parser(__doc__)
+    add = parser.add_argument
+    add("--dim", type=int, default=300, help="class-vector size D (300: GloVe 840B; 50: the shared GloVe 6B file)")
+    add("--classes", type=int, nargs=3, default=[64, 16, 20], metavar=("TRAIN", "VAL", "TEST"),
+        help="classes of the synthetic train, val and test splits (miniImageNet's)")
+    add("--samples_per_class", type=int, default=600, help="synthetic samples per class")
+    add("--heads", nargs="+", default=["fusion", "concat"], choices=["fusion", "concat"], help="heads to time")
+    add("--shots", type=int, nargs="+", default=[1, 5], help="shots to time (5-way, 15 queries)")
+    add("--modes", nargs="+", default=list(INNER_STATES), choices=INNER_STATES, help="inner-loop modes to time")
+    add("--episodes", type=int, default=600, help="test episodes (the standard test: 600)")
+    add("--train_episodes", type=int, default=100, help="training episodes (one epoch of the run scripts)")
+    add("--val_episodes", type=int, default=100, help="validation episodes (per epoch in the run scripts)")
+    add("--carry_episodes", type=int, default=0,
+        help="cap on the episodes of every carry-mode phase (0: no cap); carry is sequential, so on a CPU "
+             "its rate is measured on fewer episodes")
+    add("--ref_episodes", type=int, default=60,
+        help="episodes of the plain reference per phase (it is slow: ~7 episodes/s on a CPU)")
+    add("--warmup", type=int, default=4, help="episodes run before each measurement (not timed)")
+    add("--episode_batch", type=int, default=100, help="the trainer's --episode_batch (reset mode)")
+    add("--inner_steps", type=int, default=100,
+        help="inner-loop Adam steps per episode, ours and the reference's (100: the original; fewer only for "
+             "smoke tests)")
+    args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: the first episodes pay for allocations and kernel loading")
+    if args.quick:
+        args.dim, args.classes, args.samples_per_class, args.inner_steps = 16, [6, 5, 5], 20, 10
+        args.shots, args.episodes, args.train_episodes, args.val_episodes = [1], 3, 3, 3
+        args.carry_episodes, args.ref_episodes, args.warmup, args.episode_batch = 2, 2, 1, 2
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- data
+def synthetic_splits(args: argparse.Namespace, device: torch.device) -> dict[str, FeatureSplit]:
+    """Class-structured features: non-negative (like pooled LeakyReLU features) class centres plus noise, and
+    class vectors that are a fixed random linear image of the centres, so a regressor has something to learn."""
+    generator = torch.Generator().manual_seed(args.seed)
+    mixing = torch.randn(FEATURE_DIM, args.dim, generator=generator) / FEATURE_DIM ** 0.5
+    splits = {}
+    for name, num_classes in zip(PHASES, args.classes):
+        centres = torch.rand(num_classes, FEATURE_DIM, generator=generator) * 2
+        targets = torch.arange(num_classes).repeat_interleave(args.samples_per_class)
+        noise = torch.randn(len(targets), FEATURE_DIM, generator=generator)
+        features = (centres[targets] + 0.7 * noise).clamp_min(0)
+        vectors = centres @ mixing + 0.1 * torch.randn(num_classes, args.dim, generator=generator)
+        splits[name] = FeatureSplit(features, targets, vectors, name=f"synthetic {name}").to(device)
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------- reference
+class PlainTasNet(nn.Module):
+    """The original's two linear maps, with the same parameter names as :class:`models.heads.TasNet`."""
+
+    def __init__(self, feature_dim: int, semantic_dim: int):
+        super().__init__()
+        self.feat_learner = nn.Linear(feature_dim, semantic_dim)
+        self.word_learner = nn.Linear(feature_dim, semantic_dim)
+
+
+def plain_episode(model: PlainTasNet, split: FeatureSplit, index: torch.Tensor, config: MetaConfig, query: int,
+                  training: bool, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+    """One episode the original way: index (way*(shot+query),) -> the query accuracy (0-d tensor)."""
+    way, shot, inner, head = config.way, config.shot, config.inner, config.head
+    data = split.features[index]
+    if config.normalize(training):
+        data = F.normalize(data, dim=-1)
+    support, queries = data[:way * shot], data[way * shot:]
+    semantic_protos = split.class_vectors[split.targets[index[:way]]]          # (way, D)
+    support_labels = episode_labels(way, shot, data.device)
+    query_labels = episode_labels(way, query, data.device)
+
+    inner_optimizer = torch.optim.Adam(model.word_learner.parameters(), lr=inner.lr, betas=inner.betas,
+                                       eps=inner.eps, weight_decay=inner.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(inner_optimizer, step_size=inner.step_size, gamma=inner.gamma)
+    support_targets = semantic_protos[support_labels]
+    with torch.enable_grad():
+        for _ in range(inner.steps):
+            loss = (1 - F.cosine_similarity(model.word_learner(support), support_targets, dim=-1)).mean()
+            inner_optimizer.zero_grad()
+            loss.backward()
+            inner_optimizer.step()
+            scheduler.step()
+    with torch.no_grad():
+        semantic_query = model.word_learner(queries)
+
+    with torch.set_grad_enabled(training):
+        visual_protos = model.feat_learner(support).view(shot, way, -1).mean(0)
+        visual_query = model.feat_learner(queries)
+        if head.head == "fusion":
+            prototypes = head.lamda * visual_protos + (1 - head.lamda) * semantic_protos
+            query_embeds = head.lamda * visual_query + (1 - head.lamda) * semantic_query
+        else:
+            prototypes = F.normalize(torch.cat([visual_protos, semantic_protos], 1), dim=1)
+            query_embeds = F.normalize(torch.cat([visual_query, semantic_query], 1), dim=1)
+        if head.metric == "euclidean":
+            logits = -((query_embeds.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(2)
+        else:
+            logits = F.normalize(query_embeds, dim=1) @ F.normalize(prototypes, dim=1).t()
+        if training:
+            loss = F.cross_entropy(logits, query_labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return (logits.argmax(1) == query_labels).float().mean().detach()
+
+
+def plain_run(model: PlainTasNet, split: FeatureSplit, indices: torch.Tensor, config: MetaConfig, query: int,
+              training: bool, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+    """The reference over episodes (E, way*(shot+query)), one after the other -> (E,) accuracies."""
+    return torch.stack([plain_episode(model, split, index, config, query, training, optimizer) for index in indices])
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def meta_config(head: str, shot: int, mode: str, args: argparse.Namespace) -> tuple[argparse.Namespace, MetaConfig]:
+    """The run scripts' flags for this setting (dataset ``mini``: euclidean metric, inner StepLR(10, 0.2))."""
+    args = build_parser().parse_args([
+        "--head", head, "--inner_state", mode, "--episode_batch", str(args.episode_batch), "--inner_steps",
+        str(args.inner_steps), "--dataset", "mini", "--way", str(WAY), "--train_query", str(QUERY),
+        "--val_query", str(QUERY), "--test_query", str(QUERY)])
+    return args, MetaConfig.from_args(args, shot)
+
+
+def outer_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.feat_learner.parameters(), lr=args.vlr, weight_decay=args.weight_decay)
+
+
+def initial_model(config: MetaConfig, splits: dict[str, FeatureSplit], args: argparse.Namespace,
+                  device: torch.device) -> nn.Module:
+    """The trainer's model for this setting, initialised from --seed (the same weights for ours and reference)."""
+    torch.manual_seed(args.seed)
+    return build_model(config, FEATURE_DIM, splits["train"].class_vectors.shape[1], device)
+
+
+def warm_then_time(make_run: Callable[[torch.Tensor], Callable[[], torch.Tensor]], warmup: torch.Tensor,
+                   chosen: torch.Tensor, device: torch.device) -> dict:
+    """Run ``make_run(warmup)()`` untimed, then time ``make_run(chosen)()``, which returns the accuracies of the
+    episodes ``chosen`` (E, way*(shot+query)). ``make_run`` builds a fresh model each time."""
+    make_run(warmup)()
+    run = make_run(chosen)
+    with peak_memory(device) as memory:
+        seconds, accuracies = timed(run, device)
+    return {"episodes": chosen.shape[0], "seconds": seconds, "episodes_per_s": chosen.shape[0] / seconds,
+            "acc": float(accuracies.float().mean()), **memory}
+
+
+def bench_setting(head: str, shot: int, mode: str, splits: dict[str, FeatureSplit], indices: dict,
+                  args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Ours (``trainer.meta.train_epoch`` / ``evaluate``) on the three phases of one setting."""
+    run_args, config = meta_config(head, shot, mode, args)
+    initial = initial_model(config, splits, args, device)
+    rows = []
+    for phase in PHASES:
+        # the last --warmup episodes of each draw are the warm-up ones, never timed
+        count = indices[phase].shape[0] - args.warmup
+        if mode == "carry" and args.carry_episodes:
+            count = min(count, args.carry_episodes)
+
+        def make_run(chosen, phase=phase):
+            model = copy.deepcopy(initial)
+            if phase == "train":
+                optimizer = outer_optimizer(model, run_args)
+                return lambda: torch.tensor(train_epoch(model, optimizer, splits[phase], chosen, config, QUERY)[1])
+            return lambda: evaluate(model, splits[phase], chosen, config, QUERY)
+
+        result = warm_then_time(make_run, indices[phase][-args.warmup:], indices[phase][:count], device)
+        rows.append({"impl": "ours", "head": head, "shot": shot, "mode": mode, "phase": phase, **result})
+    return rows
+
+
+def bench_reference(head: str, shot: int, splits: dict[str, FeatureSplit], indices: dict,
+                    args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """The plain reference on the first ``--ref_episodes`` training and test episodes of the setting."""
+    run_args, config = meta_config(head, shot, "carry", args)
+    initial = PlainTasNet(FEATURE_DIM, splits["train"].class_vectors.shape[1]).to(device)
+    # the same initial weights as ours (kaiming-normal regressor, zero bias), so carry-mode accuracies agree
+    initial.load_state_dict(initial_model(config, splits, args, device).state_dict())
+    rows = []
+    for phase, split in (("train", "train"), ("eval", "test")):
+        count = min(args.ref_episodes, indices[split].shape[0] - args.warmup)
+        training = phase == "train"
+
+        def make_run(chosen, split=split, training=training):
+            model = copy.deepcopy(initial)
+            optimizer = outer_optimizer(model, run_args) if training else None
+            return lambda: plain_run(model, splits[split], chosen, config, QUERY, training, optimizer)
+
+        result = warm_then_time(make_run, indices[split][-args.warmup:], indices[split][:count], device)
+        rows.append({"impl": "reference", "head": head, "shot": shot, "mode": "carry", "phase": phase, **result})
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Ours / reference episodes/s per setting and phase (val and test against the reference's eval rate)."""
+    reference = {(r["head"], r["shot"], r["phase"]): r["episodes_per_s"] for r in rows if r["impl"] == "reference"}
+    out = []
+    for row in rows:
+        if row["impl"] != "ours":
+            continue
+        ref = reference.get((row["head"], row["shot"], "train" if row["phase"] == "train" else "eval"))
+        if ref:
+            out.append({key: row[key] for key in ("head", "shot", "mode", "phase")} |
+                       {"ours_per_s": row["episodes_per_s"], "reference_per_s": ref,
+                        "ratio": row["episodes_per_s"] / ref})
+    return out
+
+
+def ratio_range(rows: list[dict]) -> dict:
+    """Per inner-loop mode, the lowest and highest test-phase ratio over the settings: what the targets read."""
+    by_mode: dict[str, list[float]] = {}
+    for ratio in ratios(rows):
+        if ratio["phase"] == "test":
+            by_mode.setdefault(ratio["mode"], []).append(ratio["ratio"])
+    return {mode: [min(values), max(values)] for mode, values in by_mode.items()}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = setup(args)
+    started = machine(device)  # before the work: the load average it ran under
+    splits = synthetic_splits(args, device)
+    counts = {"train": args.train_episodes, "val": args.val_episodes, "test": args.episodes}
+    rows = []
+    for shot in args.shots:
+        # the trainer's own episode draws: fixed seeded episodes for val/test, a sampler for training
+        indices = {phase: episode_indices(splits[phase].targets.cpu(), WAY, shot, QUERY,
+                                          counts[phase] + args.warmup, args.seed + i, name=phase).to(device)
+                   for i, phase in enumerate(("val", "test"), start=1)}
+        sampler = EpisodeSampler(splits["train"].targets.cpu(), WAY, shot, QUERY, counts["train"] + args.warmup)
+        indices["train"] = sampler.sample(counts["train"] + args.warmup,
+                                          torch.Generator().manual_seed(args.seed)).to(device)
+        for head in args.heads:
+            rows += bench_reference(head, shot, splits, indices, args, device)
+            for mode in args.modes:
+                rows += bench_setting(head, shot, mode, splits, indices, args, device)
+    test_600 = {f"{r['head']}/{r['shot']}-shot/{r['mode']}": {"seconds": 600 / r["episodes_per_s"],
+                                                               "measured": r["episodes"] == 600}
+                for r in rows if r["impl"] == "ours" and r["phase"] == "test"}
+    record = {"bench": "meta", **started,
+              "config": {key: getattr(args, key) for key in ("dim", "classes", "samples_per_class", "episodes",
+                                                             "train_episodes", "val_episodes", "carry_episodes",
+                                                             "ref_episodes", "warmup", "episode_batch", "inner_steps",
+                                                             "threads", "quick")},
+              "rows": rows, "ratios": ratios(rows), "test_ratio_range": ratio_range(rows),
+              "test_600_s": test_600, "load_avg_end": list(os.getloadavg())}
+    emit(record)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The bench scripts run end to end in their --quick configuration on a CPU and print one valid JSON line.
+
+No timing is asserted (figures on a shared CPU mean nothing here): only that every path runs and reports.
+The scripts are run as files (``runpy``), in this process, so the import path setup of ``python bench/x.py``
+is exercised without paying for a second torch import.
+"""
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import print_summary
+from utils import REPO_ROOT
+
+
+@pytest.fixture
+def run_script(capsys, monkeypatch, tmp_path):
+    """Run ``bench/<name>.py`` with arguments as ``python bench/<name>.py ...``; return its parsed JSON line."""
+    threads = torch.get_num_threads()
+
+    def run(name: str, *args: str) -> dict:
+        monkeypatch.setattr(sys, "argv", [f"bench/{name}.py", *args])
+        capsys.readouterr()
+        try:
+            runpy.run_path(str(REPO_ROOT / "bench" / f"{name}.py"), run_name="__main__")
+        finally:
+            torch.set_num_threads(threads)
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 1, f"expected one JSON line on stdout, got {len(lines)}: {lines[:3]}"
+        record = json.loads(lines[0])
+        # the table that bench/gpu.sh prints last reads these lines
+        results = tmp_path / f"{name}.jsonl"
+        results.write_text(lines[0] + "\n")
+        print_summary(results)
+        assert capsys.readouterr().out.startswith(f"{name} on ")
+        return record
+
+    return run
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_meta_bench_quick(run_script):
+    record = run_script("meta", "--quick", "--device", "cpu", "--threads", "1")
+    assert record["bench"] == "meta" and record["device"] == "cpu" and len(record["load_avg"]) == 3
+    settings = {(r["impl"], r["head"], r["mode"], r["phase"]) for r in record["rows"]}
+    for head in ("fusion", "concat"):
+        assert {("reference", head, "carry", "train"), ("reference", head, "carry", "eval")} <= settings
+        assert {("ours", head, mode, phase) for mode in ("carry", "reset")
+                for phase in ("train", "val", "test")} <= settings
+    assert all(positive(r["episodes_per_s"]) and 0 <= r["acc"] <= 1 and positive(r["peak_mb"])
+               for r in record["rows"])
+    assert len(record["ratios"]) == 12 and all(positive(r["ratio"]) for r in record["ratios"])
+    assert set(record["test_ratio_range"]) == {"carry", "reset"}
+    # the reference carries its regressor over like carry mode, from the same weights, on the same episodes
+    accuracy = {(r["impl"], r["head"], r["phase"]): r["acc"] for r in record["rows"] if r["mode"] == "carry"}
+    for head in ("fusion", "concat"):
+        assert accuracy[("ours", head, "train")] == pytest.approx(accuracy[("reference", head, "train")], abs=1e-6)
+        assert accuracy[("ours", head, "test")] == pytest.approx(accuracy[("reference", head, "eval")], abs=1e-6)
+
+
+def test_pretrain_bench_quick(run_script):
+    record = run_script("pretrain", "--quick", "--device", "cpu", "--threads", "1")
+    assert record["bench"] == "pretrain" and record["device"] == "cpu"
+    assert {r["impl"] for r in record["pipeline"]} == {"pil", "batch_augment"}
+    assert [(r["model"], r["precision"]) for r in record["steps"]] == [("conv4", "fp32")]
+    assert [r["augment"] for r in record["epoch"]] == ["batch", "pil"]
+    assert all(r["images"] == 8 for r in record["epoch"])  # the whole synthetic epoch, warm-up excluded
+    assert all(positive(r["images_per_s"]) for r in record["pipeline"] + record["steps"] + record["epoch"])
+    assert positive(record["ratios"]["pipeline_batch_over_pil"]) and positive(record["ratios"]["epoch_batch_over_pil"])
+
+
+def test_gpu_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(REPO_ROOT / "bench" / "gpu.sh")], check=True)
