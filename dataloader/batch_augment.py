@@ -22,7 +22,6 @@ import math
 from typing import Sequence
 
 import torch
-from torchvision import transforms
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
 _LUMA = (0.2989, 0.587, 0.114)
@@ -30,6 +29,8 @@ _LUMA = (0.2989, 0.587, 0.114)
 
 def torchvision_train_transform(mean: Sequence[float], std: Sequence[float], out_size: int = 84):
     """The plain per-image train pipeline of A4 (PIL image in, normalised (3, out_size, out_size) float out)."""
+    from torchvision import transforms  # imported here: it costs ~2 s at start-up and only this path needs it
+
     return transforms.Compose([
         transforms.RandomResizedCrop(out_size),
         transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
@@ -41,6 +42,8 @@ def torchvision_train_transform(mean: Sequence[float], std: Sequence[float], out
 
 def torchvision_eval_transform(mean: Sequence[float], std: Sequence[float], out_size: int = 84, resize: int = 92):
     """The plain per-image eval pipeline of A4 (PIL image in, normalised (3, out_size, out_size) float out)."""
+    from torchvision import transforms
+
     return transforms.Compose([
         transforms.Resize(resize),
         transforms.CenterCrop(out_size),
