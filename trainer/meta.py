@@ -39,9 +39,9 @@ from models.heads import HEADS, METRICS, HeadConfig, TasNet
 from models.inner_loop import INNER_STATES, InnerLoopConfig, semantic_queries
 from trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint, strip_prefixes
 from trainer.evaluate import episode_accuracy, episode_indices
-from trainer.pre import rng_state, set_rng_state
 from trainer.runs import RunFolder, default_run_dir
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
+from utils.runtime import rng_state, set_rng_state
 from utils.cli import run_cli
 
 MODEL_TYPES = ("res12", "wrn28", "conv4", "conv4_28")  # conv4*: the demo's CPU-sized backbones (64-d)

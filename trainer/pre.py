@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import signal
 import threading
 import time
@@ -45,6 +44,7 @@ from trainer.evaluate import evaluate_protonet
 from trainer.extract import autocast, extract_features
 from trainer.runs import RunFolder, default_run_dir
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
+from utils.runtime import rng_state, set_rng_state
 
 SAVE_EVERY = 10  # epoch-<N>.pth every this many epochs, as the original
 
@@ -178,29 +178,6 @@ def to_device_if_it_fits(images: torch.Tensor, device: torch.device) -> torch.Te
 
 
 # ----------------------------------------------------------------------------------------------- RNG states
-def rng_state(device: torch.device) -> dict:
-    """Python, NumPy and torch (CPU, CUDA) generator states as tensors and plain data (weights_only-safe)."""
-    version, mt_state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(mt_state), gauss],
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    """Restore what :func:`rng_state` saved."""
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
 # ----------------------------------------------------------------------------------------------- training
 class StopRequest:
     """Ctrl-C asks the loop to stop after the current batch (then ``last.pth`` is saved); a second one kills."""
