@@ -12,6 +12,7 @@ import os
 
 from dataloader.datasets import DATASETS
 from models import BACKBONES
+from utils.cli import add_device_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="channels_last memory format (auto: on for CUDA)")
     add("--compile", action="store_true", help="torch.compile the model")
     # run
-    add("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    add_device_flags(parser, "auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     add("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
     add("--deterministic", action="store_true",
         help="torch.use_deterministic_algorithms and no cuDNN benchmarking: repeatable CUDA runs, slower "

@@ -8,6 +8,7 @@ import argparse
 
 from dataloader.datasets import DATASETS, SPLITS
 from models import BACKBONES
+from utils.cli import add_device_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--episodes", type=int, default=600, help="test episodes")
     add("--seed", type=int, default=1, help="seed of the (fixed) test episodes")
     add("--batch_size", type=int, default=256, help="images per forward pass when extracting features")
-    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_flags(parser)
     add("--run_dir", default=None, help="run folder for result.json (default runs/proto_<dataset>_<model>-<time>)")
     return parser
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import torch
 
 from utils import git_commit, resolve_device
+from utils.cli import add_device_flags
 
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -31,10 +32,7 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the flags every bench script takes: --device, --threads, --seed and --quick."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    add("--threads", type=int, default=0,
-        help="torch CPU threads (0: torch's default). On a CPU shared with other jobs, 1 avoids the spin-waits "
-             "of oversubscribed OpenMP threads, which can make every figure several times slower")
+    add_device_flags(parser, "auto (CUDA when present), cpu, cuda or cuda:N")
     add("--seed", type=int, default=0, help="seeds the synthetic data and the models")
     add("--quick", action="store_true", help="tiny sizes: a smoke test in seconds, not a measurement")
     return parser
@@ -42,10 +40,8 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
 
 def setup(args: argparse.Namespace) -> torch.device:
     """Apply --threads and --seed; return the device."""
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    return resolve_device(args.device)
+    return resolve_device(args.device, args.threads)
 
 
 def cpu_model() -> str:

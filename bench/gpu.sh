@@ -54,9 +54,9 @@ else
     PRE_ARGS=(--batch_size 128 --steps 10 --warmup_steps 3 --num_workers "$workers" --pipeline_images 8192
               --repeats 2 --pipeline_batch_sizes 128 512 --epoch_images 38400)
     if [ "$COMPILE" = 1 ]; then PRE_ARGS+=(--compile); PRE_LIMIT=175; fi
-    # reset on the full 600-episode test; carry and the reference run one episode after another (100 Adam
+    # reset on the full 600-episode test, as one batch of episodes; carry and the reference run one episode after another (100 Adam
     # steps of Python-dispatched kernels, up to ~0.1 s an episode), so they are timed on 20 and 12 episodes
-    META_ARGS=(--episodes 600 --train_episodes 100 --val_episodes 100 --carry_episodes 20 --ref_episodes 12
+    META_ARGS=(--episodes 600 --episode_batch 600 --train_episodes 100 --val_episodes 100 --carry_episodes 20 --ref_episodes 12
                --warmup 4)
 fi
 

@@ -7,7 +7,8 @@ from torch import nn
 
 from models.conv4 import Conv4
 from models.heads import HEADS, METRICS, HeadConfig, TasNet, concat_logits, fusion_logits, refine_prototypes
-from models.inner_loop import INNER_STATES, InnerLoopConfig, fit_regressor, fit_regressors, semantic_queries
+from models.inner_loop import (INNER_STATES, InnerLoopConfig, fit_regressor, fit_regressors, plain_fit_regressor,
+                               semantic_queries)
 from models.kmeans import batched_kmeans
 from models.resnet12 import ResNet12
 from models.wrn28 import WRN28

@@ -1,5 +1,5 @@
-"""The semantic regressor's inner loop: batched reset equals a plain per-episode torch.optim.Adam loop, and
-carry mode carries."""
+"""The semantic regressor's inner loop: the fast path (closed-form gradient + fused Adam, batched in reset mode)
+equals the plain per-episode autograd + torch.optim.Adam loop, and carry mode carries."""
 from __future__ import annotations
 
 import copy
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from models.heads import semantic_regressor
-from models.inner_loop import (BatchedAdam, InnerLoopConfig, apply_regressors, fit_regressor, fit_regressors,
-                               semantic_queries)
+from models.inner_loop import (CPU_FIT_ELEMENTS, InnerLoopConfig, apply_regressors, cosine_loss, cosine_loss_grad,
+                               fit_batch_size, fit_regressor, fit_regressors, plain_fit_regressor, semantic_queries)
 
 FEATURES, DIM = 640, 16
 # 20 steps with StepLR(8, 0.2) cover three learning-rate levels and keep the plain loop quick.
@@ -51,18 +51,37 @@ def test_learning_rates_follow_step_lr():
     assert CONFIG.learning_rates() == expected
 
 
-def test_batched_adam_matches_torch_adam_on_one_tensor():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_closed_form_gradient_equals_autograd(dtype):
     g = torch.Generator().manual_seed(3)
-    param = torch.randn(4, 5, generator=g)
-    reference = param.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([reference], lr=0.01, weight_decay=1e-5)
-    ours = BatchedAdam([param], InnerLoopConfig(lr=0.01, weight_decay=1e-5))
-    for _ in range(5):
-        grad = torch.randn(4, 5, generator=g)
-        reference.grad = grad.clone()
-        optimizer.step()
-        ours.step([grad.clone()], 0.01)
-    torch.testing.assert_close(param, reference.detach(), rtol=0, atol=1e-7)
+    predictions = torch.randn(4, 7, DIM, generator=g, dtype=dtype, requires_grad=True)
+    targets = torch.randn(4, 7, DIM, generator=g, dtype=dtype)
+    targets[1, 2] = 0                                     # a class vector of zeros (a word missing from GloVe)
+    predictions.data[2, 3] *= 1e3                         # norms far from 1 on both sides
+    predictions.data[3, 1] *= 1e-3
+    expected = cosine_loss(predictions, targets)
+    (grad,) = torch.autograd.grad(expected.sum(), predictions)
+    unit = targets / targets.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    loss, ours = cosine_loss_grad(predictions.detach(), unit)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(loss, expected.detach(), rtol=0, atol=tolerance)
+    torch.testing.assert_close(ours, grad, rtol=tolerance, atol=tolerance)
+    assert torch.equal(ours[1, 2], torch.zeros(DIM, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_carry_step_equals_plain_autograd_adam(dtype):
+    """One episode in place (carry): the fast path against autograd + torch.optim.Adam, several episodes on."""
+    support, targets, _ = (t.to(dtype) for t in episodes(3, seed=11))
+    fast, plain = regressor().to(dtype), regressor().to(dtype)
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-4
+    for b in range(3):
+        fast_loss = fit_regressor(fast, support[b], targets[b], CONFIG)
+        plain_loss = plain_fit_regressor(plain, support[b], targets[b], CONFIG)
+        torch.testing.assert_close(fast.weight, plain.weight, rtol=0, atol=tolerance)
+        torch.testing.assert_close(fast.bias, plain.bias, rtol=0, atol=tolerance)
+        torch.testing.assert_close(fast_loss, plain_loss, rtol=0, atol=tolerance)
+    assert fast.weight.requires_grad and isinstance(fast.weight, torch.nn.Parameter)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -70,17 +89,18 @@ def test_batched_adam_matches_torch_adam_on_one_tensor():
 def test_batched_reset_equals_per_episode_adam(count, dtype):
     """Same weights and identical predictions. In float64 the two paths agree to rounding. In float32 they
     agree to ~1e-5 except rare elements: once an episode's fit has converged its gradients are at rounding
-    level, Adam's m / sqrt(v) turns them into +-lr steps, and bmm over B episodes sums in another order
-    (and thread split) than one episode's matmul, so such an element may move by up to ~1e-4."""
+    level, Adam's m / sqrt(v) turns them into +-lr steps, and the closed-form gradient and the fused kernel
+    round in another order than autograd and torch.optim.Adam, so such an element may move by up to ~2e-4
+    (largest seen over 6 x 64 episodes: 1.6e-4, one element in 10,240; the rest agree to 1e-5)."""
     support, targets, query = (t.to(dtype) for t in episodes(count, seed=count))
     initial = regressor().to(dtype)
     weights, biases = fit_regressors(initial.weight, initial.bias, support, targets, CONFIG)
     batched_out = apply_regressors(weights, biases, query)
-    tolerance = 1e-9 if dtype == torch.float64 else 1e-4
+    tolerance = 1e-9 if dtype == torch.float64 else 5e-4
     close_fraction = []
     for b in range(count):
         plain = copy.deepcopy(initial)
-        fit_regressor(plain, support[b], targets[b], CONFIG)
+        plain_fit_regressor(plain, support[b], targets[b], CONFIG)
         torch.testing.assert_close(weights[b], plain.weight.detach(), rtol=0, atol=tolerance)
         torch.testing.assert_close(biases[b], plain.bias.detach(), rtol=0, atol=tolerance)
         close_fraction.append(((weights[b] - plain.weight).abs() <= 1e-5).float().mean().item())
@@ -96,12 +116,14 @@ def test_batched_reset_equals_per_episode_adam(count, dtype):
     torch.testing.assert_close(initial.weight, regressor().weight.to(dtype), rtol=0, atol=0)
 
 
-def test_reset_is_independent_of_the_episode_batch_and_leaves_the_regressor():
+def test_reset_is_independent_of_the_fit_batch_and_leaves_the_regressor():
     support, targets, query = (t.double() for t in episodes(9, seed=4))   # float64: see the test above
     model = regressor().double()
     before = copy.deepcopy(model.state_dict())
-    whole = semantic_queries(model, support, targets, query, CONFIG, "reset", episode_batch=9)
-    chunked = semantic_queries(model, support, targets, query, CONFIG, "reset", episode_batch=4)
+    whole = semantic_queries(model, support, targets, query, CONFIG, "reset", fit_batch=9)
+    chunked = semantic_queries(model, support, targets, query, CONFIG, "reset", fit_batch=4)
+    automatic = semantic_queries(model, support, targets, query, CONFIG, "reset")
+    torch.testing.assert_close(whole, automatic, rtol=0, atol=1e-6)
     torch.testing.assert_close(whole, chunked, rtol=0, atol=1e-6)
     assert whole.shape == (9, 6, DIM) and not whole.requires_grad
     for key, value in model.state_dict().items():
@@ -113,17 +135,17 @@ def test_carry_continues_from_the_previous_episode():
     carried = regressor()
     out = semantic_queries(carried, support, targets, query, CONFIG, "carry")
     by_hand = regressor()
-    fit_regressor(by_hand, support[0], targets[0], CONFIG)
+    plain_fit_regressor(by_hand, support[0], targets[0], CONFIG)
     after_first = copy.deepcopy(by_hand)
-    fit_regressor(by_hand, support[1], targets[1], CONFIG)       # episode 2 starts where episode 1 ended
-    torch.testing.assert_close(carried.weight, by_hand.weight, rtol=0, atol=1e-6)
+    plain_fit_regressor(by_hand, support[1], targets[1], CONFIG)   # episode 2 starts where episode 1 ended
+    torch.testing.assert_close(carried.weight, by_hand.weight, rtol=0, atol=1e-4)
     with torch.no_grad():
-        torch.testing.assert_close(out[0], after_first(query[0]), rtol=0, atol=1e-6)
-        torch.testing.assert_close(out[1], by_hand(query[1]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out[0], after_first(query[0]), rtol=0, atol=1e-3)
+        torch.testing.assert_close(out[1], by_hand(query[1]), rtol=0, atol=1e-3)
     # ... which is not what a fresh start on episode 2 gives
     fresh = regressor()
     fit_regressor(fresh, support[1], targets[1], CONFIG)
-    assert (fresh.weight - carried.weight).abs().max() > 1e-3
+    assert (fresh.weight - carried.weight).abs().max() > 1e-2
 
 
 def test_inner_loop_runs_under_no_grad_and_reduces_the_loss():
@@ -134,3 +156,10 @@ def test_inner_loop_runs_under_no_grad_and_reduces_the_loss():
         weights, biases = fit_regressors(model.weight, model.bias, support, targets, CONFIG)
         after = (1 - F.cosine_similarity(apply_regressors(weights, biases, support), targets, dim=-1)).mean()
     assert after < before * 0.5
+
+
+def test_cpu_fit_batch_keeps_a_chunk_small():
+    assert fit_batch_size(torch.nn.Linear(640, 300), 100) == CPU_FIT_ELEMENTS // (640 * 300) >= 1
+    assert fit_batch_size(torch.nn.Linear(640, 50), 100) == CPU_FIT_ELEMENTS // (640 * 50)
+    assert fit_batch_size(torch.nn.Linear(640, 50), 3) == 3
+    assert fit_batch_size(torch.nn.Linear(4096, 4096), 100) == 1

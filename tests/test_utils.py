@@ -52,3 +52,17 @@ def test_paths_and_device():
     assert resolve_path("/abs/x").as_posix() == "/abs/x"
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_threads_flag_sets_torch_threads_and_refuses_negatives():
+    from utils import InputError
+
+    before = torch.get_num_threads()
+    try:
+        assert resolve_device("cpu", threads=1).type == "cpu" and torch.get_num_threads() == 1
+        resolve_device("cpu", threads=0)                     # 0 leaves the current setting
+        assert torch.get_num_threads() == 1
+        with pytest.raises(InputError, match="--threads must be >= 0"):
+            resolve_device("cpu", threads=-2)
+    finally:
+        torch.set_num_threads(before)

@@ -81,8 +81,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.images_per_class < needed:
         raise InputError(f"--images_per_class {args.images_per_class}: a {max(args.shot)}-shot episode with "
                          f"--query {args.query} needs {needed} images per class; draw more or lower --query.")
-    if args.threads < 0:
-        raise InputError(f"--threads must be >= 0 (0: PyTorch's default), got {args.threads}.")
 
 
 class Stages:
@@ -213,9 +211,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     args = apply_quick(args)
     check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.threads)
     run_dir = resolve_path(args.run_dir) if args.run_dir else default_run_dir(DATASET)
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"demo run folder: {run_dir} (device {device}, {torch.get_num_threads()} thread(s))", flush=True)

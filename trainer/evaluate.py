@@ -130,7 +130,7 @@ def proto_baseline(args: argparse.Namespace) -> dict:
     without touching the cache. Writes ``result.json`` into the run folder and returns it.
     """
     set_seed(args.seed)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.threads)
     weights = resolve_path(args.init_weights or default_weights(args.dataset, args.model_type))
     if args.features == "cache":
         ensure_features(args.data_root, args.dataset, args.model_type, weights, device, args.batch_size)

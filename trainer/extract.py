@@ -28,7 +28,7 @@ from dataloader.transforms import NORMALIZATION, normalization
 from models import build_backbone
 from trainer.checkpoint import load_weights
 from utils import InputError, resolve_device, resolve_path, save_npz
-from utils.cli import run_cli
+from utils.cli import add_device_flags, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="splits to extract")
     parser.add_argument("--overwrite", action="store_true", help="re-extract splits whose file already exists")
     parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_flags(parser)
     return parser
 
 
@@ -161,7 +161,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def extract_command(args: argparse.Namespace) -> None:
     """``python -m trainer.extract``: extract the splits that are missing (all of them with --overwrite)."""
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.threads)
     weights = resolve_path(args.init_weights or default_weights(args.dataset, args.model_type))
     splits = args.splits if args.overwrite else missing_splits(args.data_root, args.dataset, args.model_type,
                                                                args.splits)

@@ -42,7 +42,7 @@ from trainer.evaluate import episode_accuracy, episode_indices
 from trainer.runs import RunFolder, default_run_dir
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
 from utils.runtime import rng_state, set_rng_state
-from utils.cli import run_cli
+from utils.cli import add_device_flags, run_cli
 
 MODEL_TYPES = ("res12", "wrn28", "conv4", "conv4_28")  # conv4*: the demo's CPU-sized backbones (64-d)
 NORMALIZE_INPUT = ("never", "train", "always")
@@ -134,14 +134,15 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help="inner StepLR period in steps (auto: DATASET_DEFAULTS)")
     add("--inner_gamma", type=auto_or(float), default="auto", help="inner StepLR factor (auto: DATASET_DEFAULTS)")
     add("--episode_batch", type=int, default=100,
-        help="episodes processed together (reset mode fits their regressors at once); memory grows with it")
+        help="episodes gathered together; on a GPU reset mode fits all their regressors at once (a CPU fits "
+             "them a few at a time, see models.inner_loop.fit_batch_size); memory grows with it")
     # run
     add("--eval_weights", default=None,
         help="meta checkpoint (a max_acc.pth of this stage) to test without training")
     add("--run_dir", default=None,
         help="run folder (default runs/<head>_<dataset>_<model_type>-<time>); one shot<K>/ per shot when "
              "several shots are given")
-    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_flags(parser)
     add("--seed", type=int, default=1,
         help="seeds the model, the training episodes and the fixed validation and test episodes (the test "
              "episodes are run_proto.py's for the same seed)")
@@ -264,7 +265,7 @@ def gather_episodes(split: FeatureSplit, indices: torch.Tensor, config: MetaConf
 def episode_semantics(model: TasNet, batch: EpisodeBatch, config: MetaConfig) -> torch.Tensor:
     """The inner loop on every episode of the batch: (B, way*query, D) semantic queries."""
     return semantic_queries(model.word_learner, batch.support, batch.support_targets, batch.query, config.inner,
-                            config.inner_state, config.episode_batch)
+                            config.inner_state)
 
 
 @torch.no_grad()
@@ -510,7 +511,7 @@ class MetaRun:
 def main(args: argparse.Namespace) -> list[dict]:
     """Train (unless ``--eval_weights``) and test every shot of ``args.shot``; returns the result dicts."""
     check_args(resolve_auto(args))
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.threads)
     if args.eval_weights is not None and not resolve_path(args.eval_weights).is_file():
         raise InputError(f"--eval_weights {args.eval_weights}: file not found.")
     if args.resume and not resolve_path(args.run_dir).is_dir():

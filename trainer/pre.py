@@ -411,7 +411,7 @@ def flag_on(value: str, device: torch.device) -> bool:
 
 def main(args: argparse.Namespace) -> dict:
     """Run ``run_pre.py``: pretrain, validate each epoch, write the run folder. Returns the summary."""
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.threads)
     procs, device = init_processes(device)
     try:
         if args.run_dir is None:

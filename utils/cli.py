@@ -1,6 +1,8 @@
-"""How entry scripts end: user errors as one readable line, not a traceback from deep inside torch."""
+"""What every entry script shares: the device flags, and how it ends (user errors as one readable line, not a
+traceback from deep inside torch)."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable
@@ -8,6 +10,18 @@ from typing import Callable
 import torch
 
 from utils.io import InputError
+
+
+THREADS_HELP = ("PyTorch CPU threads (0: PyTorch's default, one per core). On a CPU shared with other jobs use 1: "
+                "oversubscribed threads spin-wait on each other and made the meta stage's small tensor ops up to "
+                "10x slower on a shared 2-core machine")
+
+
+def add_device_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                     device_help: str = "auto, cpu, cuda or cuda:N") -> None:
+    """``--device`` and ``--threads``, read by :func:`utils.runtime.resolve_device`."""
+    parser.add_argument("--device", default="auto", help=device_help)
+    parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
 
 
 def run_cli(main: Callable, args, batch_flag: str = "the batch size") -> None:

@@ -18,8 +18,17 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU. Anything else is passed to ``torch.device`` and checked."""
+def resolve_device(name: str = "auto", threads: int = 0) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU. Anything else is passed to ``torch.device`` and checked.
+
+    Args:
+        threads: torch's CPU threads (``--threads``); 0 keeps torch's default of one per core.
+    """
+    if threads < 0:
+        from utils.io import InputError
+        raise InputError(f"--threads must be >= 0 (0: PyTorch's default, one per core), got {threads}.")
+    if threads:
+        torch.set_num_threads(threads)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
