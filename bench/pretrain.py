@@ -134,7 +134,7 @@ def batched_pipeline(images: torch.Tensor, batch_size: int, args: argparse.Names
 
     def run(chosen):
         for indices in chosen:
-            train_augment(images[indices], mean, std, generator, channels_last=channels_last)
+            train_augment(images.index_select(0, indices), mean, std, generator, channels_last=channels_last)
 
     run(batches[:2])
     seconds, _ = timed(lambda: run(batches), device)

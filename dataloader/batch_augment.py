@@ -7,24 +7,67 @@ and does the same arithmetic as torchvision's tensor path, for a whole batch at 
 * Crop + resize is one separable linear map per sample, `rows @ image @ cols^T`, whose matrices hold the
   antialiased-bilinear weights of PIL and of `interpolate(antialias=True)` (a triangle filter widened by the
   downscale factor). Upscaling (every crop of an 84x84 image resized to 84) and antialiased downscaling both
-  match `F.resized_crop(antialias=True)` to 1e-5; the horizontal flip is folded into the column matrix.
+  match `F.resized_crop(antialias=True)` to 1e-5; the horizontal flip is folded into the column weights.
 * ColorJitter blends with black (brightness), the mean grey level (contrast) or the grey image (saturation),
   clamped to [0, 1] after each step, in a random order per sample, as torchvision's tensor path.
+
+Speed (CPU, 1 thread, batches of 16; bench/pretrain.py). With dense weight matrices ~85% of the time went to two
+bmm's whose rows hold at most 2 non-zeros when upscaling, since the filter only widens when downscaling. So when
+no crop can be downscaled (the image is no larger than the output: known from shapes, no device sync), each
+axis is applied as two taps per output pixel (`_resample_taps`): an index_select of whole uint8 rows and a lerp,
+then a gather of column pairs and a lerp, 2-3x faster than the bmm's; larger images keep the dense path. Two
+other costs were as large: on a CPU each call allocated ~10 MB of intermediates, which glibc returned to the OS
+and then faulted in again page by page (2-3 us per 4 KiB page on a VM), so intermediates now live in per-thread
+buffers reused across calls (`_Scratch`) and batches go in parts of 16 images that stay in cache; and dozens of
+small ops at several microseconds each, now fewer (ColorJitter's coefficients for all three steps at once, one
+op for Normalize). ColorJitter also avoids an addcmul with two broadcast
+operands, which the CPU kernel does not vectorise. In all, `train_augment` is ~2x faster at batch 16 and
+~2.4x at batch 64. The random draws and their order are unchanged: seeded outputs are too, up to ~1e-6.
 
 Deviations from the PIL path, which rounds to uint8 after each resize pass and each colour step (and uses
 integer luma weights): this path stays in float32, so eval outputs differ from PIL's by 0.26-0.29 grey levels
 on average, < 1 at most; train outputs follow the same distributions (tested). With TF32 matmuls enabled on
-CUDA the resampling weights lose precision to about 0.1 grey level; autocast is switched off inside.
+CUDA the dense path's resampling weights lose precision to about 0.1 grey level (the two-tap path does no
+matmul); autocast is switched off inside.
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from typing import Sequence
 
 import torch
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
 _LUMA = (0.2989, 0.587, 0.114)
+# images per part of a batch on a CPU (see `_chunks`)
+_CPU_CHUNK = 16
+
+
+class _Scratch(threading.local):
+    """Intermediate buffers of the CPU path, kept from call to call (one set per thread).
+
+    A part of 16 images needs ~8 MB of intermediates. Freed after every call, glibc returns blocks that large to
+    the OS, and the next call pays a page fault for every 4 KiB it touches again: 2-3 us each on a virtual
+    machine, more than the arithmetic on them. On a GPU the caching allocator already recycles memory.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def __call__(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised contiguous tensor; on a CPU it shares memory with earlier requests of `name`."""
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        size = math.prod(shape)
+        buffer = self.buffers.get((name, dtype))
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[name, dtype] = torch.empty(size, dtype=dtype)
+        return buffer[:size].view(shape)
+
+
+_scratch = _Scratch()
 
 
 def torchvision_train_transform(mean: Sequence[float], std: Sequence[float], out_size: int = 84):
@@ -121,8 +164,8 @@ def _resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, r
     return weights.div_(weights.sum(dim=-1, keepdim=True))
 
 
-def _resample(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8, rows (B, Ho, H), cols (B, Wo, W) -> (B, 3, Ho, Wo) contiguous float32 in [0, 1].
+def _resample(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8, rows (B, Ho, H), cols (B, Wo, W) -> out: (B, 3, Ho, Wo) contiguous float32 in [0, 1].
 
     Two plain bmm calls: the first reads the HWC input as it is, one transpose between them puts the channels
     first, so the second writes NCHW directly.
@@ -130,9 +173,66 @@ def _resample(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> t
     batch, height, width, _ = images.shape
     pixels = images.to(torch.float32).view(batch, height, width * 3)
     pixels = torch.bmm(rows, pixels).view(batch, -1, width, 3).permute(0, 3, 1, 2).reshape(batch, -1, width)
-    pixels = torch.bmm(pixels, cols.transpose(1, 2)).view(batch, 3, rows.shape[1], cols.shape[1])
+    torch.bmm(pixels, cols.transpose(1, 2), out=out.view(batch, -1, cols.shape[1]))
     # weights of 0 and 1 reproduce the input exactly, so dividing by 255 afterwards keeps identity crops exact
-    return pixels.div_(255)
+    return out.div_(255)
+
+
+def _resample_taps(start: torch.Tensor, length: torch.Tensor, resized_len: int | torch.Tensor, out_size: int,
+                   offset: int = 0, flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_resample_weights` of an upscaling axis (length <= resized_len) as two taps per output pixel.
+
+    Without downscaling the triangle filter keeps its width of one pixel, so an output pixel at window
+    coordinate `pos` (pixel centres at 0, 1, ...) blends pixels floor(pos) and floor(pos) + 1 by the fraction of
+    pos. Dropping the tap outside the window and renormalising, as `_resample_weights` does at the borders, is
+    the same as clamping pos at 0 on the left, and on the right (pos > length - 1) pointing both taps at the
+    last pixel.
+
+    Args:
+        start, length: (...,) float window per axis (any leading shape).
+        flip: (...,) bool, mirror the output positions where True.
+    Returns:
+        index: (..., 2, out_size) int64 pixel indices of the two taps (equal at the window's right end).
+        lam: (..., out_size) float32 in [0, 1), the weight of the second tap.
+    """
+    start, length = start.float(), length.float()
+    position = torch.arange(out_size, device=start.device, dtype=torch.float32)
+    if flip is not None:
+        position = torch.where(flip[..., None], (out_size - 1) - position, position)
+    position = ((position + (offset + 0.5)) * (length / resized_len)[..., None]).sub_(0.5).clamp_(min=0.0)
+    low = position.floor()
+    lam = position.sub_(low)
+    high = torch.minimum(low + 1, (length - 1)[..., None])
+    index = torch.stack([low, high], dim=-2).add_(start[..., None, None]).long()
+    return index, lam
+
+
+def _resample_sparse(images: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor],
+                     cols: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 and the `_resample_taps` of each axis -> out: (B, 3, Ho, Wo) contiguous float32 in [0, 1].
+
+    Rows first: an image row is contiguous, so picking the two source rows of every output row is one
+    index_select of uint8 rows, and a lerp blends them. The column taps are then gathered from the channels-first
+    copy of that, each tap into its own contiguous plane, so that the last lerp reads and writes contiguous memory
+    and writes NCHW. Indices and weights may have a leading dim of 1 (shared by the batch).
+    """
+    batch, height, width, _ = images.shape
+    device = images.device
+    (row_index, row_lam), (col_index, col_lam) = rows, cols
+    out_h, out_w = row_lam.shape[-1], col_lam.shape[-1]
+    flat = (row_index + torch.arange(batch, device=device)[:, None, None] * height).view(-1)        # (B * 2 * Ho)
+    picked = _scratch("rows_uint8", (len(flat), width * 3), torch.uint8, device)
+    torch.index_select(images.reshape(batch * height, width * 3), 0, flat, out=picked)
+    taps = _scratch("taps", (batch, 2, out_h, width * 3), torch.float32, device).copy_(picked.view(batch, 2, out_h, -1))
+    blended = _scratch("blended", (batch, out_h, width * 3), torch.float32, device)
+    torch.lerp(taps[:, 0], taps[:, 1], row_lam[..., None], out=blended)
+    planar = _scratch("planar", (batch, 3, out_h, width), torch.float32, device)
+    planar.copy_(blended.view(batch, out_h, width, 3).permute(0, 3, 1, 2))
+    index = col_index.view(-1, 1, 2, 1, out_w).expand(batch, 3, 2, out_h, out_w)
+    taps = _scratch("taps", (batch, 3, 2, out_h, out_w), torch.float32, device)  # the row taps are spent
+    torch.gather(planar.unsqueeze(2).expand(batch, 3, 2, out_h, width), 4, index, out=taps)
+    # a weight of 0 reproduces the first tap exactly, so identity crops stay exact
+    return torch.lerp(taps[:, :, 0], taps[:, :, 1], col_lam.view(-1, 1, 1, out_w), out=out).div_(255)
 
 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size: int = 84,
@@ -146,13 +246,32 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size: int = 84,
     Returns:
         (B, 3, out_size, out_size) float32 in [0, 1].
     """
+    out = torch.empty(len(images), 3, out_size, out_size, device=images.device)
+    for part in _chunks(len(images), images.device):
+        _resized_crop(images[part], boxes[part], None if flip is None else flip[part], out[part])
+    return out
+
+
+def _resized_crop(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor | None, out: torch.Tensor,
+                  sparse: bool | None = None) -> torch.Tensor:
+    """`resized_crop` into out, (B, 3, S, S) contiguous: by two taps per pixel and axis (`sparse`) when every
+    crop is upscaled, by weight matrices otherwise (or as `sparse` says; True needs boxes no larger than S x S)."""
     _, height, width, _ = images.shape
+    out_size = out.shape[-1]
     boxes = boxes.to(images.device, torch.float32)
+    if sparse is None:
+        # a box lies inside its image, so with the image no larger than the output every crop is upscaled
+        sparse = height <= out_size and width <= out_size
+    if sparse:
+        # rows and columns in one go, as (B, 2) windows, mirrored along the column axis only
+        mirror = None if flip is None else torch.stack([torch.zeros_like(flip), flip], dim=1)
+        index, lam = _resample_taps(boxes[:, :2], boxes[:, 2:], out_size, out_size, flip=mirror)
+        return _resample_sparse(images, (index[:, 0], lam[:, 0]), (index[:, 1], lam[:, 1]), out)
     rows = _resample_weights(boxes[:, 0], boxes[:, 2], height, out_size, out_size)
     cols = _resample_weights(boxes[:, 1], boxes[:, 3], width, out_size, out_size)
     if flip is not None:
         cols = torch.where(flip[:, None, None], cols.flip(1), cols)
-    return _resample(images, rows, cols)
+    return _resample(images, rows, cols, out)
 
 
 def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -170,28 +289,49 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tenso
 
 def _color_jitter_(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """`color_jitter` in place."""
+    # each adjustment blends with a target, factor * image + (1 - factor) * target, where the target is black
+    # (brightness), the mean grey level (contrast) or the grey image (saturation): target = a * grey + b * mean
+    # with (a, b) = (0, 0), (0, 1 - factor) or (1 - factor, 0). All three steps' coefficients at once, (B, 3, 1, 1):
+    factor = factors.gather(1, order).view(-1, 3, 1, 1)
+    order = order.view(-1, 3, 1, 1)
+    grey_weight, mean_weight = (1.0 - factor) * (order == 2), (1.0 - factor) * (order == 1)
+    shape = (len(images), 1, *images.shape[2:])
     for step in range(3):
-        op = order[:, step].view(-1, 1, 1, 1)
-        factor = factors.gather(1, order[:, step:step + 1]).view(-1, 1, 1, 1)
-        grey = images[:, 0:1] * _LUMA[0]                                                 # (B, 1, H, W)
+        a, b, f = (t[:, step:step + 1] for t in (grey_weight, mean_weight, factor))
+        grey = torch.mul(images[:, 0:1], _LUMA[0], out=_scratch("grey", shape, images.dtype, images.device))
         grey.add_(images[:, 1:2], alpha=_LUMA[1]).add_(images[:, 2:3], alpha=_LUMA[2])
-        # every adjustment is a blend with a target: black, the mean grey level, or the grey image;
-        # masking by multiplying with 0 / 1 and adding 0 keeps the chosen values exact
-        flat_target = torch.where(op == 1, grey.mean(dim=(2, 3), keepdim=True), 0.0)
-        target = grey.mul_((op == 2).to(grey.dtype)).add_(flat_target)
-        # lerp_ is factor * images + (1 - factor) * target in one pass, without a new buffer
-        images.lerp_(target, 1.0 - factor).clamp_(0.0, 1.0)
+        # multiplying by 0 and adding 0 leave the other adjustments' values exact. Two in-place ops, not one
+        # addcmul: with two broadcast operands the CPU kernel is not vectorised (3x slower)
+        offset = grey.mean(dim=(2, 3), keepdim=True).mul_(b)
+        target = grey.mul_(a).add_(offset)
+        torch.addcmul(target, images, f, out=images).clamp_(0.0, 1.0)
     return images
 
 
-def _normalise(images: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
-    # per channel with Python floats: a (3,) tensor built here would be a blocking host-to-device copy per batch.
-    # Subtracting then dividing by the float32 value is exactly what Normalize computes.
-    mean = torch.as_tensor(mean, dtype=torch.float32).tolist()
-    std = torch.as_tensor(std, dtype=torch.float32).tolist()
-    for channel in range(3):
-        images[:, channel].sub_(mean[channel]).div_(std[channel])
-    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    """(1, 3, 1, 1) float32 mean and std on the device, made once: per batch they would cost a blocking
+    host-to-device copy on a GPU, and per channel with Python floats six small ops instead of two on a CPU."""
+    return tuple(torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device) for values in (mean, std))
+
+
+def _normalise(images: torch.Tensor, mean, std, out: torch.Tensor) -> torch.Tensor:
+    """(images - mean) / std per channel, written to `out` (any memory format); both (B, 3, H, W).
+
+    Subtracting then dividing by float32 tensors is exactly what Normalize computes."""
+    mean, std = _channel_constants(tuple(map(float, mean)), tuple(map(float, std)), images.device)
+    return torch.sub(images, mean, out=out).div_(std)
+
+
+def _chunks(batch: int, device: torch.device) -> list[slice]:
+    """The parts of a batch to transform in turn: all of it on a GPU, `_CPU_CHUNK` images at a time on a CPU."""
+    step = max(1, batch if device.type != "cpu" else _CPU_CHUNK)
+    return [slice(start, start + step) for start in range(0, batch, step)]
+
+
+def _empty_output(batch: int, out_size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    return torch.empty(batch, 3, out_size, out_size, device=device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -220,14 +360,20 @@ def train_augment(images: torch.Tensor, mean: Sequence[float], std: Sequence[flo
     with torch.autocast(device.type, enabled=False):
         boxes = sample_crop_boxes(batch, height, width, scale, ratio, generator, device)
         flip = torch.rand(batch, generator=generator, device=device) < flip_p
-        pixels = resized_crop(images, boxes, out_size, flip)
         if jitter > 0:
             low = max(0.0, 1.0 - jitter)
             factors = low + (1.0 + jitter - low) * torch.rand(batch, 3, generator=generator, device=device)
             # argsort of uniform keys is a uniformly random permutation, like torchvision's randperm per call
             order = torch.rand(batch, 3, generator=generator, device=device).argsort(dim=1)
-            pixels = _color_jitter_(pixels, factors, order)
-        return _normalise(pixels, mean, std, channels_last)
+        out = _empty_output(batch, out_size, device, channels_last)
+        for part in _chunks(batch, device):
+            chunk = images[part]
+            pixels = _scratch("pixels", (len(chunk), 3, out_size, out_size), torch.float32, device)
+            _resized_crop(chunk, boxes[part], flip[part], pixels)
+            if jitter > 0:
+                _color_jitter_(pixels, factors[part], order[part])
+            _normalise(pixels, mean, std, out[part])
+        return out
 
 
 def eval_transform(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], out_size: int = 84,
@@ -251,9 +397,22 @@ def eval_transform(images: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     top, left = int(round((new_h - out_size) / 2.0)), int(round((new_w - out_size) / 2.0))
     zero = torch.zeros(1, device=images.device)
     with torch.autocast(images.device.type, enabled=False):
-        rows = _resample_weights(zero, zero + height, height, new_h, out_size, offset=top)
-        cols = _resample_weights(zero, zero + width, width, new_w, out_size, offset=left)
-        # bmm is slow on stride-0 (expanded) batches, so the shared matrices are copied per sample
-        rows, cols = rows.expand(batch, -1, -1).contiguous(), cols.expand(batch, -1, -1).contiguous()
-        pixels = _resample(images, rows, cols)
-        return _normalise(pixels, mean, std, channels_last)
+        sparse = height <= new_h and width <= new_w  # upscaling: two taps per pixel, as in `_resized_crop`
+        if sparse:
+            rows = _resample_taps(zero, zero + height, new_h, out_size, offset=top)
+            cols = _resample_taps(zero, zero + width, new_w, out_size, offset=left)
+        else:
+            rows = _resample_weights(zero, zero + height, height, new_h, out_size, offset=top)
+            cols = _resample_weights(zero, zero + width, width, new_w, out_size, offset=left)
+        out = _empty_output(batch, out_size, images.device, channels_last)
+        for part in _chunks(batch, images.device):
+            chunk = images[part]
+            pixels = _scratch("pixels", (len(chunk), 3, out_size, out_size), torch.float32, images.device)
+            if sparse:
+                _resample_sparse(chunk, rows, cols, pixels)
+            else:
+                # bmm is slow on stride-0 (expanded) batches, so the shared matrices are copied per sample
+                expand = (len(chunk), -1, -1)
+                _resample(chunk, rows.expand(*expand).contiguous(), cols.expand(*expand).contiguous(), pixels)
+            _normalise(pixels, mean, std, out[part])
+        return out

@@ -12,8 +12,9 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision import transforms
 
-from dataloader.batch_augment import (color_jitter, eval_transform, resized_crop, sample_crop_boxes,
-                                      torchvision_eval_transform, torchvision_train_transform, train_augment)
+from dataloader.batch_augment import (_resample_taps, _resample_weights, _resized_crop, color_jitter, eval_transform,
+                                      resized_crop, sample_crop_boxes, torchvision_eval_transform,
+                                      torchvision_train_transform, train_augment)
 
 MINI_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini-imagenet" / "images"
 MEAN = (120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255)  # ResNet-12's
@@ -77,6 +78,16 @@ def test_without_randomness_the_output_is_the_normalised_input_exactly():
     assert torch.equal(out, (images.permute(0, 3, 1, 2).float() / 255 - mean) / STD_T)
 
 
+def assert_matches_torchvision(pixels: torch.Tensor, images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor):
+    """pixels (B, 3, S, S) against `F.resized_crop(antialias=True)` (+ hflip) per image."""
+    out_size = pixels.shape[-1]
+    for b, (top, left, h, w) in enumerate(boxes.tolist()):
+        ref = TF.resized_crop(images[b].permute(2, 0, 1).float() / 255, top, left, h, w, [out_size, out_size],
+                              antialias=True)
+        ref = TF.hflip(ref) if flip[b] else ref
+        assert (pixels[b] - ref).abs().max() < 2e-5
+
+
 @pytest.mark.parametrize("height,width,out_size", [(84, 84, 84), (120, 100, 84), (84, 84, 40)])
 def test_resized_crop_equals_torchvision_tensor_path(height, width, out_size):
     """Upscaling and antialiased downscaling both match `F.resized_crop(antialias=True)`; flips too."""
@@ -84,12 +95,7 @@ def test_resized_crop_equals_torchvision_tensor_path(height, width, out_size):
     boxes = sample_crop_boxes(24, height, width, generator=torch.Generator().manual_seed(0))
     boxes[0] = torch.tensor([0, 0, height, width])
     flip = torch.arange(24) % 2 == 0
-    mine = resized_crop(images, boxes, out_size, flip)
-    for b, (top, left, h, w) in enumerate(boxes.tolist()):
-        ref = TF.resized_crop(images[b].permute(2, 0, 1).float() / 255, top, left, h, w, [out_size, out_size],
-                              antialias=True)
-        ref = TF.hflip(ref) if flip[b] else ref
-        assert (mine[b] - ref).abs().max() < 2e-5
+    assert_matches_torchvision(resized_crop(images, boxes, out_size, flip), images, boxes, flip)
 
 
 def test_color_jitter_equals_torchvision_functional():
@@ -198,3 +204,81 @@ def test_augmented_statistics_match_torchvision_pil_path(full_pipeline):
     for name in mine_stats:
         relative_mine, relative_ref = mine_stats[name] / source_stats[name], ref_stats[name] / source_stats[name]
         assert ks_2samp(relative_mine, relative_ref).pvalue > KS_P, name
+
+
+def edge_boxes(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """(n, 4) random boxes, the first ones pinned to the borders: whole image, 1-pixel and 1-row/column crops
+    in the corners, boxes touching the bottom-right edge."""
+    boxes = sample_crop_boxes(n, height, width, generator=torch.Generator().manual_seed(seed))
+    pinned = [(0, 0, height, width), (0, 0, 1, 1), (height - 1, width - 1, 1, 1), (0, width - 1, height, 1),
+              (height - 1, 0, 1, width), (height - 5, width - 7, 5, 7), (0, 3, 2, width - 3)]
+    boxes[:len(pinned)] = torch.tensor(pinned)
+    return boxes
+
+
+def dense_matrix(index: torch.Tensor, lam: torch.Tensor, in_size: int) -> torch.Tensor:
+    """(..., 2, out) taps and (..., out) weights -> (..., out, in) resampling matrix."""
+    weights = torch.stack([1 - lam, lam], dim=-1)                                                # (..., out, 2)
+    matrix = torch.zeros(*lam.shape, in_size, dtype=torch.float64)
+    return matrix.scatter_add_(-1, index.transpose(-1, -2), weights.double())
+
+
+@pytest.mark.parametrize("in_size,out_size,offset", [(84, 84, 0), (60, 84, 0), (84, 92, 4), (32, 92, 4), (7, 84, 0)])
+def test_two_taps_are_the_dense_weights(in_size, out_size, offset):
+    """Upscaling: the sparse taps, scattered into a matrix, are `_resample_weights` (borders and flips included)."""
+    starts = torch.tensor([0, 0, in_size - 1, 0, 3, in_size // 2], dtype=torch.float32)
+    lengths = torch.tensor([in_size, 1, 1, in_size - 1, max(1, in_size - 5), in_size - in_size // 2],
+                           dtype=torch.float32)
+    resized = out_size + 2 * offset
+    flip = torch.arange(len(starts)) % 2 == 1
+    index, lam = _resample_taps(starts, lengths, resized, out_size, offset=offset, flip=flip)
+    assert (index >= starts[:, None, None]).all() and (index < (starts + lengths)[:, None, None]).all()
+    assert ((lam >= 0) & (lam < 1)).all()
+    dense = _resample_weights(starts, lengths, in_size, resized, out_size, offset=offset)
+    dense = torch.where(flip[:, None, None], dense.flip(1), dense)
+    assert (dense_matrix(index, lam, in_size) - dense).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("height,width,out_size", [(84, 84, 84), (60, 84, 84), (84, 50, 84), (20, 33, 40)])
+def test_sparse_resized_crop_equals_dense_path_and_torchvision(height, width, out_size):
+    """Every crop of an image no larger than the output is upscaled: both paths and torchvision agree."""
+    images = smooth_images(32, height, width)
+    boxes = edge_boxes(32, height, width)
+    flip = torch.arange(32) % 3 == 0
+    sparse = torch.empty(32, 3, out_size, out_size)
+    dense = torch.empty_like(sparse)
+    _resized_crop(images, boxes, flip, sparse, sparse=True)
+    _resized_crop(images, boxes, flip, dense, sparse=False)
+    assert (sparse - dense).abs().max() < 1e-5
+    assert torch.equal(resized_crop(images, boxes, out_size, flip), sparse)  # the sparse path is the one taken
+    assert_matches_torchvision(sparse, images, boxes, flip)
+    if (height, width) == (out_size, out_size):  # the whole image at its own size is the (mirrored) input, exactly
+        assert flip[0] and torch.equal(sparse[0], (images[0].permute(2, 0, 1).float() / 255).flip(-1))
+
+
+@pytest.mark.parametrize("height,width,out_size", [(120, 100, 84), (84, 84, 40), (90, 70, 84)])
+def test_downscaling_crops_take_the_dense_path(height, width, out_size):
+    """Images larger than the output along either axis may be downscaled (the two taps would be wrong there):
+    the dense path is taken, and matches torchvision."""
+    images = smooth_images(12, height, width)
+    boxes = edge_boxes(12, height, width)
+    flip = torch.arange(12) % 2 == 0
+    dense = torch.empty(12, 3, out_size, out_size)
+    _resized_crop(images, boxes, flip, dense, sparse=False)
+    assert torch.equal(resized_crop(images, boxes, out_size, flip), dense)
+    assert_matches_torchvision(dense, images, boxes, flip)
+
+
+def test_chunks_and_reused_buffers_do_not_change_results(monkeypatch):
+    """On a CPU the batch goes in parts through reused buffers: the results equal one pass over the whole batch,
+    whatever ran before, and returned tensors never share the reused memory."""
+    images = smooth_images(37)
+    monkeypatch.setattr("dataloader.batch_augment._CPU_CHUNK", 1000)
+    whole = train_augment(images, MEAN, STD, torch.Generator().manual_seed(5))
+    crops = resized_crop(images[:9], sample_crop_boxes(9, 84, 84, generator=torch.Generator().manual_seed(1)))
+    kept = crops.clone()
+    monkeypatch.setattr("dataloader.batch_augment._CPU_CHUNK", 8)
+    parts = train_augment(images, MEAN, STD, torch.Generator().manual_seed(5))
+    train_augment(smooth_images(3, 40, 40), MEAN, STD, out_size=64)  # other shapes in the same buffers
+    again = train_augment(images, MEAN, STD, torch.Generator().manual_seed(5))
+    assert torch.equal(parts, whole) and torch.equal(again, whole) and torch.equal(crops, kept)

@@ -136,7 +136,8 @@ class DeviceBatches:
         """Yield (inputs (B, 3, 84, 84) float, labels (B,)) on the device for ``batches[first:]``."""
         for number, indices in enumerate(batches[first:], start=first):
             indices = indices.to(self.images.device)
-            images = self.images[indices].to(self.device, non_blocking=True)
+            # index_select, not images[indices]: advanced indexing is ~20x slower on a CPU (0.46 vs 0.02 ms per 16)
+            images = self.images.index_select(0, indices).to(self.device, non_blocking=True)
             labels = self.targets[indices].to(self.device, non_blocking=True)
             if self.augment:
                 generator = torch.Generator(self.device).manual_seed(batch_seed(self.seed, epoch, number, rank))
