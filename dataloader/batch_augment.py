@@ -63,7 +63,10 @@ class _Scratch(threading.local):
         size = math.prod(shape)
         buffer = self.buffers.get((name, dtype))
         if buffer is None or buffer.numel() < size:
-            buffer = self.buffers[name, dtype] = torch.empty(size, dtype=dtype)
+            # a normal tensor even when first asked for under inference_mode (feature extraction, validation):
+            # an inference tensor could not be written to afterwards, in the next training batch
+            with torch.inference_mode(False):
+                buffer = self.buffers[name, dtype] = torch.empty(size, dtype=dtype)
         return buffer[:size].view(shape)
 
 
@@ -312,7 +315,8 @@ def _color_jitter_(images: torch.Tensor, factors: torch.Tensor, order: torch.Ten
 def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
     """(1, 3, 1, 1) float32 mean and std on the device, made once: per batch they would cost a blocking
     host-to-device copy on a GPU, and per channel with Python floats six small ops instead of two on a CPU."""
-    return tuple(torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device) for values in (mean, std))
+    with torch.inference_mode(False):  # cached: it must stay a normal tensor whatever mode the first call ran in
+        return tuple(torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device) for values in (mean, std))
 
 
 def _normalise(images: torch.Tensor, mean, std, out: torch.Tensor) -> torch.Tensor:

@@ -282,3 +282,20 @@ def test_chunks_and_reused_buffers_do_not_change_results(monkeypatch):
     train_augment(smooth_images(3, 40, 40), MEAN, STD, out_size=64)  # other shapes in the same buffers
     again = train_augment(images, MEAN, STD, torch.Generator().manual_seed(5))
     assert torch.equal(parts, whole) and torch.equal(again, whole) and torch.equal(crops, kept)
+
+
+@pytest.mark.parametrize("first_mode", ["inference", "grad"])
+def test_reused_buffers_work_across_inference_mode(first_mode):
+    """Pretraining validates (eval_transform under inference_mode) between training epochs (train_augment
+    outside it): the CPU's reused buffers must serve both, whichever comes first."""
+    images = smooth_images(4)
+    calls = [lambda: eval_transform(images, MEAN, STD), lambda: train_augment(images, MEAN, STD)]
+    with torch.inference_mode(first_mode == "inference"):
+        expected = eval_transform(images, MEAN, STD)
+    for call in calls:
+        with torch.inference_mode(first_mode != "inference"):
+            call()
+        with torch.inference_mode(first_mode == "inference"):
+            call()
+        call()
+    assert torch.equal(eval_transform(images, MEAN, STD), expected)
