@@ -1,6 +1,6 @@
 """Meta-stage speed: episodes/s of the trainer's episodes against a plain per-episode reference.
 
-    python bench/meta.py --device cpu --threads 1 --episodes 60 --ref_episodes 20
+    python bench/meta.py --device cpu --threads 1            # CPU-sized (100 test episodes per setting), ~2 min
     python bench/meta.py --device cuda                       # 600 test episodes per setting
 
 On synthetic class-structured features held in memory (64 / 16 / 20 classes x 600 samples x 640-d, class
@@ -54,26 +54,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--heads", nargs="+", default=["fusion", "concat"], choices=["fusion", "concat"], help="heads to time")
     add("--shots", type=int, nargs="+", default=[1, 5], help="shots to time (5-way, 15 queries)")
     add("--modes", nargs="+", default=list(INNER_STATES), choices=INNER_STATES, help="inner-loop modes to time")
-    add("--episodes", type=int, default=600, help="test episodes (the standard test: 600)")
-    add("--train_episodes", type=int, default=100, help="training episodes (one epoch of the run scripts)")
-    add("--val_episodes", type=int, default=100, help="validation episodes (per epoch in the run scripts)")
-    add("--carry_episodes", type=int, default=0,
-        help="cap on the episodes of every carry-mode phase (0: no cap); carry is sequential, so on a CPU "
-             "its rate is measured on fewer episodes")
-    add("--ref_episodes", type=int, default=60,
-        help="episodes of the plain reference per phase (it is slow: ~7 episodes/s on a CPU)")
-    add("--warmup", type=int, default=4, help="episodes run before each measurement (not timed)")
+    add("--episodes", type=int, default=0,
+        help="test episodes (0: the standard 600 on CUDA; 100 on a CPU, where the whole bench then takes ~2 min)")
+    add("--train_episodes", type=int, default=0,
+        help="training episodes (0: 100, one epoch of the run scripts, on CUDA; 40 on a CPU)")
+    add("--val_episodes", type=int, default=0,
+        help="validation episodes (0: 100, as per epoch in the run scripts, on CUDA; 40 on a CPU)")
+    add("--carry_episodes", type=int, default=-1,
+        help="cap on the episodes of every carry-mode phase (0: no cap; -1: none on CUDA, 30 on a CPU); carry "
+             "is sequential, so on a CPU its rate is measured on fewer episodes")
+    add("--ref_episodes", type=int, default=0,
+        help="episodes of the plain reference per phase (0: 60 on CUDA, 10 on a CPU, where it runs ~3-12 "
+             "episodes/s)")
+    add("--warmup", type=int, default=0,
+        help="episodes run before each measurement, not timed (0: 4 on CUDA, 2 on a CPU)")
     add("--episode_batch", type=int, default=100, help="the trainer's --episode_batch (reset mode)")
     add("--inner_steps", type=int, default=100,
         help="inner-loop Adam steps per episode, ours and the reference's (100: the original; fewer only for "
              "smoke tests)")
     args = parser.parse_args(argv)
-    if args.warmup < 1:
-        parser.error("--warmup must be >= 1: the first episodes pay for allocations and kernel loading")
     if args.quick:
         args.dim, args.classes, args.samples_per_class, args.inner_steps = 16, [6, 5, 5], 20, 10
         args.shots, args.episodes, args.train_episodes, args.val_episodes = [1], 3, 3, 3
         args.carry_episodes, args.ref_episodes, args.warmup, args.episode_batch = 2, 2, 1, 2
+    return args
+
+
+def resolve_sizes(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """Fill the 0 / -1 defaults for the device: the run scripts' sizes on CUDA, minutes-sized ones on a CPU.
+    Every measurement is preceded by a warm-up (the first episodes pay for allocations and kernel loading)."""
+    cuda = device.type == "cuda"
+    defaults = {"episodes": 600 if cuda else 100, "train_episodes": 100 if cuda else 40,
+                "val_episodes": 100 if cuda else 40, "ref_episodes": 60 if cuda else 10, "warmup": 4 if cuda else 2}
+    for key, value in defaults.items():
+        if getattr(args, key) <= 0:
+            setattr(args, key, value)
+    if args.carry_episodes < 0:
+        args.carry_episodes = 0 if cuda else 30
     return args
 
 
@@ -263,6 +280,7 @@ def ratio_range(rows: list[dict]) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = setup(args)
+    args = resolve_sizes(args, device)
     started = machine(device)  # before the work: the load average it ran under
     splits = synthetic_splits(args, device)
     counts = {"train": args.train_episodes, "val": args.val_episodes, "test": args.episodes}

@@ -80,3 +80,16 @@ def test_pretrain_bench_quick(run_script):
 
 def test_gpu_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(REPO_ROOT / "bench" / "gpu.sh")], check=True)
+
+
+def test_meta_bench_sizes_follow_the_device():
+    """Unset sizes: the run scripts' on CUDA, minutes-sized on a CPU; sizes given on the command line stay."""
+    from bench.meta import parse_args, resolve_sizes
+
+    keys = ("episodes", "train_episodes", "val_episodes", "carry_episodes", "ref_episodes", "warmup")
+    cpu = resolve_sizes(parse_args([]), torch.device("cpu"))
+    assert [getattr(cpu, key) for key in keys] == [100, 40, 40, 30, 10, 2]
+    cuda = resolve_sizes(parse_args([]), torch.device("cuda"))
+    assert [getattr(cuda, key) for key in keys] == [600, 100, 100, 0, 60, 4]
+    given = resolve_sizes(parse_args(["--episodes", "7", "--carry_episodes", "0"]), torch.device("cpu"))
+    assert (given.episodes, given.carry_episodes, given.train_episodes) == (7, 0, 40)
