@@ -2,7 +2,7 @@
 
 ``<data_root>/<dataset>/few-shot-<split>.npz``            images  uint8 (N, 84, 84, 3), targets (N,)
 ``<data_root>/<dataset>/few-shot-wordemb-<split>.npz``    class vectors float (C, D)
-``<data_root>/<dataset>/<model_type>/feat-<split>.npz``   backbone features float (N, 640), targets (N,)
+``<data_root>/<dataset>/<model_type>/feat-<split>.npz``   backbone features float (N, F), F = 640 (64: Conv-4), targets (N,)
 
 Every loader validates what it reads and names the file in its error, so a bad file fails at start-up,
 not an hour into training.
@@ -113,7 +113,7 @@ def load_features(data_root: str | Path, dataset: str, model_type: str, split: s
                       f"{dataset} --model_type {model_type} --init_weights <backbone checkpoint>")
     features = arrays["features"]
     if features.ndim != 2 or not np.issubdtype(features.dtype, np.floating):
-        raise InputError(f"{path}: 'features' must be a 2-D float array (N, 640), got {features.dtype} "
+        raise InputError(f"{path}: 'features' must be a 2-D float array (N, F), got {features.dtype} "
                          f"{features.shape}. Delete it and extract the features again.")
     if not np.isfinite(features).all():
         raise InputError(f"{path}: features contain NaN or Inf (a diverged backbone?). Delete it and extract "

@@ -4,7 +4,8 @@ and the transductive prototype refinement.
 Every function takes optional leading batch dimensions, so one call scores one episode or B episodes:
 support features (..., way*shot, F) in shot-major order, queries (..., Q, F), semantic prototypes
 (..., way, D) (the class vectors of the episode's classes, in episode-label order), semantic queries
-(..., Q, D) (the fitted regressor's outputs, see ``models.inner_loop``). F = 640, D = the class-vector size.
+(..., Q, D) (the fitted regressor's outputs, see ``models.inner_loop``). F = the backbone's feature size
+(640 for ResNet-12 and WRN-28-10, 64 for Conv-4), D = the class-vector size.
 """
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ DATA_CASES = {
         ["feat-train.npz: missing array(s) ['targets']", "Extract it with: python -m trainer.extract"]),
     "features not 2-D": (
         lambda r: rewrite(feat(r, "val"), features=read(feat(r, "val"))[:, None]), [],
-        ["feat-val.npz: 'features' must be a 2-D float array (N, 640)", "extract the features again"]),
+        ["feat-val.npz: 'features' must be a 2-D float array (N, F)", "extract the features again"]),
     "features not float": (
         lambda r: rewrite(feat(r, "val"), features=read(feat(r, "val")).astype(np.int32)), [],
         ["feat-val.npz: 'features' must be a 2-D float array"]),

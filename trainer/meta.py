@@ -1,6 +1,6 @@
 """The one episodic trainer of the meta stage (DESIGN A5), for both heads (fusion and concatenation).
 
-On cached 640-d backbone features: ``max_epoch`` x ``num_batch`` training episodes (outer loop: Adam on
+On cached backbone features (640-d; 64-d for Conv-4): ``max_epoch`` x ``num_batch`` training episodes (outer loop: Adam on
 ``feat_learner``, cross-entropy on the query logits), ``val_episodes`` fixed validation episodes after every
 epoch, the best-validation model kept as ``max_acc.pth``; then ``test_episodes`` fixed test episodes from
 ``max_acc.pth``, reported as mean and 95% CI (``Test Acc 0.xxxx + 0.xxxx``). With ``--eval_weights`` only the
@@ -115,7 +115,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add("--metric", default="auto", choices=("auto",) + METRICS,
         help="logits: negative squared Euclidean distance or cosine similarity; auto: DATASET_DEFAULTS")
     add("--normalize_input", default="auto", choices=("auto",) + NORMALIZE_INPUT,
-        help="L2-normalise the 640-d input features: never, in training episodes only (the original concat "
+        help="L2-normalise the input features: never, in training episodes only (the original concat "
              "head's behaviour), or always; auto: DATASET_DEFAULTS")
     add("--setting", default="in", choices=SETTINGS,
         help="in: inductive; tran: transductive (k-means on the projected queries refines the prototypes at "
