@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import run_pre
-from test_meta import write_synthetic
+from synthetic_data import write_synthetic
 from trainer import meta, pre
 from trainer.checkpoint import load_checkpoint
 from utils import REPO_ROOT

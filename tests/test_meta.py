@@ -6,7 +6,6 @@ import json
 import runpy
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,31 +15,13 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.evaluate import episode_indices
 from trainer.meta import (DATASET_DEFAULTS, MetaConfig, build_parser, cli, gather_episodes, main, outer_lr,
                           resolve_auto)
-from utils import InputError, save_npz
+from synthetic_data import DIM, write_synthetic
+from utils import InputError
 
 REPO = Path(__file__).resolve().parent.parent
-DIM = 12
 # small runs: 2 epochs x 8 episodes, 8 validation and 20 test episodes, 20 inner steps
 QUICK = ["--max_epoch", "2", "--num_batch", "8", "--val_episodes", "8", "--test_episodes", "20",
          "--inner_steps", "20", "--device", "cpu", "--episode_batch", "16"]
-
-
-def write_synthetic(root: Path, dataset: str = "mini", model_type: str = "res12", dim: int = DIM,
-                    classes=(12, 6, 8), per_class: int = 25, noise: float = 1.0, seed: int = 0) -> Path:
-    """Features around one random mean per class (ReLU'd like a backbone's), class vectors a noisy linear
-    image of the class means, in the A1 layout under ``root``."""
-    rng = np.random.default_rng(seed)
-    projection = rng.normal(size=(dim, 640)) / np.sqrt(640)
-    for split, count in zip(("train", "val", "test"), classes):
-        means = rng.normal(size=(count, 640))
-        features = np.maximum(means[:, None] + noise * rng.normal(size=(count, per_class, 640)), 0)
-        targets = np.repeat(np.arange(count), per_class)
-        order = rng.permutation(len(targets))
-        save_npz(root / dataset / model_type / f"feat-{split}.npz",
-                 features=features.reshape(-1, 640)[order].astype(np.float32), targets=targets[order])
-        vectors = means @ projection.T + 0.1 * rng.normal(size=(count, dim))
-        save_npz(root / dataset / f"few-shot-wordemb-{split}.npz", features=vectors.astype(np.float32))
-    return root
 
 
 @pytest.fixture(scope="module")

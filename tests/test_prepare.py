@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import pickle
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dataloader.prepare import CIFAR100_FINE_NAMES, SPLITS, load_pickle, main, prepare, to_84, write_split
+from synthetic_data import make_tiny_mini, mini_args
 from utils import InputError
 
 SEED = 2045
@@ -346,41 +346,6 @@ def test_to_84_crops_the_centre_square_and_keeps_84x84():
     np.testing.assert_array_equal(to_84(Image.fromarray(exact)), exact)
     gray = to_84(Image.fromarray(np.full((40, 30), 7, dtype=np.uint8)))
     assert gray.shape == (84, 84, 3) and (gray == 7).all()
-
-
-def make_tiny_mini(raw: Path, zipped: bool = False) -> Path:
-    """A miniImageNet-style raw folder: 2 classes per split, 3 images each, and a 3-d GloVe file."""
-    rng = np.random.RandomState(4)
-    images = {}
-    lines = []
-    for split_index, split in enumerate(SPLITS):
-        rows = []
-        for c in range(2):
-            wnid = f"n0{split_index}{c}"
-            lines.append(f"{wnid} {len(lines) + 1} Red_fox" if c else f"{wnid} {len(lines) + 1} owl")
-            for k in range(3):
-                name = f"{wnid}{k:08d}.jpg"
-                buffer = io.BytesIO()
-                Image.fromarray(rng.randint(0, 256, (84, 84, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-                images[name] = buffer.getvalue()
-                rows.append(f"{name},{wnid}")
-        (raw / f"{split}.csv").parent.mkdir(parents=True, exist_ok=True)
-        (raw / f"{split}.csv").write_text("filename,label\n" + "\n".join(rows) + "\n")
-    (raw / "mini_imagenet_class_label_dict3.txt").write_text("\n".join(lines) + "\n")
-    if zipped:
-        with zipfile.ZipFile(raw / "images.zip", "w") as archive:
-            for name, data in images.items():
-                archive.writestr(f"images/{name}", data)
-    else:
-        (raw / "images").mkdir()
-        for name, data in images.items():
-            (raw / "images" / name).write_bytes(data)
-    (raw / "glove.txt").write_text("red 1 2 3\nfox 3 2 1\nowl 0 0 1\n")
-    return raw
-
-
-def mini_args(raw: Path, out: Path) -> list[str]:
-    return ["mini", "--raw", str(raw), "--glove", str(raw / "glove.txt"), "--out", str(out)]
 
 
 def test_write_split_accepts_plain_names_and_checks_shapes(tmp_path):

@@ -23,8 +23,8 @@ import run_pre
 import run_proto
 from dataloader import prepare
 from dataloader.datasets import FeatureSplit
-from test_meta import write_synthetic
-from test_prepare import make_tiny_mini, mini_args
+from synthetic_data import write_synthetic
+from synthetic_data import make_tiny_mini, mini_args
 from trainer import meta
 from trainer.checkpoint import save_checkpoint
 from trainer.evaluate import episode_indices

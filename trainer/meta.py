@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dataloader.datasets import DATASETS, FeatureSplit, feature_path, load_features, prepare_hint
-from dataloader.sampler import EpisodeSampler, episode_labels, split_episode
+from dataloader.sampler import EpisodeSampler, split_episode
 from models.heads import HEADS, METRICS, HeadConfig, TasNet
 from models.inner_loop import INNER_STATES, InnerLoopConfig, semantic_queries
 from trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint, strip_prefixes

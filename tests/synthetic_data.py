@@ -1,0 +1,67 @@
+"""Synthetic inputs that several test files build: cached backbone features and a raw miniImageNet folder."""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dataloader.prepare import SPLITS
+from utils import save_npz
+
+DIM = 12  # class-vector size of the synthetic features
+
+
+def write_synthetic(root: Path, dataset: str = "mini", model_type: str = "res12", dim: int = DIM,
+                    classes=(12, 6, 8), per_class: int = 25, noise: float = 1.0, seed: int = 0) -> Path:
+    """Features around one random mean per class (ReLU'd like a backbone's), class vectors a noisy linear
+    image of the class means, in the A1 layout under ``root``."""
+    rng = np.random.default_rng(seed)
+    projection = rng.normal(size=(dim, 640)) / np.sqrt(640)
+    for split, count in zip(("train", "val", "test"), classes):
+        means = rng.normal(size=(count, 640))
+        features = np.maximum(means[:, None] + noise * rng.normal(size=(count, per_class, 640)), 0)
+        targets = np.repeat(np.arange(count), per_class)
+        order = rng.permutation(len(targets))
+        save_npz(root / dataset / model_type / f"feat-{split}.npz",
+                 features=features.reshape(-1, 640)[order].astype(np.float32), targets=targets[order])
+        vectors = means @ projection.T + 0.1 * rng.normal(size=(count, dim))
+        save_npz(root / dataset / f"few-shot-wordemb-{split}.npz", features=vectors.astype(np.float32))
+    return root
+
+
+def make_tiny_mini(raw: Path, zipped: bool = False) -> Path:
+    """A miniImageNet-style raw folder: 2 classes per split, 3 images each, and a 3-d GloVe file."""
+    rng = np.random.RandomState(4)
+    images = {}
+    lines = []
+    for split_index, split in enumerate(SPLITS):
+        rows = []
+        for c in range(2):
+            wnid = f"n0{split_index}{c}"
+            lines.append(f"{wnid} {len(lines) + 1} Red_fox" if c else f"{wnid} {len(lines) + 1} owl")
+            for k in range(3):
+                name = f"{wnid}{k:08d}.jpg"
+                buffer = io.BytesIO()
+                Image.fromarray(rng.randint(0, 256, (84, 84, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+                images[name] = buffer.getvalue()
+                rows.append(f"{name},{wnid}")
+        (raw / f"{split}.csv").parent.mkdir(parents=True, exist_ok=True)
+        (raw / f"{split}.csv").write_text("filename,label\n" + "\n".join(rows) + "\n")
+    (raw / "mini_imagenet_class_label_dict3.txt").write_text("\n".join(lines) + "\n")
+    if zipped:
+        with zipfile.ZipFile(raw / "images.zip", "w") as archive:
+            for name, data in images.items():
+                archive.writestr(f"images/{name}", data)
+    else:
+        (raw / "images").mkdir()
+        for name, data in images.items():
+            (raw / "images" / name).write_bytes(data)
+    (raw / "glove.txt").write_text("red 1 2 3\nfox 3 2 1\nowl 0 0 1\n")
+    return raw
+
+
+def mini_args(raw: Path, out: Path) -> list[str]:
+    return ["mini", "--raw", str(raw), "--glove", str(raw / "glove.txt"), "--out", str(out)]
