@@ -96,7 +96,7 @@ def plain_fit_regressor(regressor: nn.Linear, support: torch.Tensor, targets: to
 
 def cosine_loss_grad(predictions: torch.Tensor, unit_targets: torch.Tensor,
                      eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`cosine_loss` and its gradient, without autograd.
+    """The cosines of :func:`cosine_loss` and the loss's gradient, without autograd.
 
     With y = predictions, t = unit_targets (already divided by their norms) and cos = y.t / |y|, the gradient
     of mean_s(1 - cos_s) is (cos * y / |y| - t) / (|y| S). Norms are clamped at ``eps`` as
@@ -106,15 +106,16 @@ def cosine_loss_grad(predictions: torch.Tensor, unit_targets: torch.Tensor,
         predictions: (B, S, D); unit_targets: (B, S, D).
 
     Returns:
-        the loss (B,) and the gradient (B, S, D).
+        cos (B, S, 1), from which the loss is (1 - cos).mean((-2, -1)), and the gradient (B, S, D).
     """
     norm = torch.linalg.vector_norm(predictions, dim=-1, keepdim=True).clamp_min_(eps)    # (B, S, 1)
     cos = (predictions * unit_targets).sum(-1, keepdim=True).div_(norm)                     # (B, S, 1)
     scale = predictions.shape[-2] * norm                                                     # S |y|
     grad = predictions * (cos / (scale * norm)) - unit_targets / scale
-    return (1 - cos).mean((-2, -1)), grad
+    return cos, grad
 
 
+@torch.no_grad()
 def fit_in_place(weights: torch.Tensor, biases: torch.Tensor, support: torch.Tensor, targets: torch.Tensor,
                  config: InnerLoopConfig) -> torch.Tensor:
     """Fit B independent regressors in place, each with its own fresh Adam + StepLR (the fast path).
@@ -123,13 +124,12 @@ def fit_in_place(weights: torch.Tensor, biases: torch.Tensor, support: torch.Ten
     biases[b]: its loss depends only on its own weights, so its gradient is its own.
 
     Args:
-        weights: (B, D, F) and biases: (B, D), plain tensors (not requiring grad), updated in place.
+        weights: (B, D, F) and biases: (B, D), updated in place (views of a module's parameters work too).
         support: (B, S, F) support features; targets: (B, S, D) class vector of each support sample's label.
 
     Returns:
         the loss of the last step per episode (B,).
     """
-    support, targets = support.detach(), targets.detach()
     unit_targets = targets / torch.linalg.vector_norm(targets, dim=-1, keepdim=True).clamp_min(config.eps)
     grad_weights, grad_biases = torch.empty_like(weights), torch.empty_like(biases)
     predictions = weights.new_empty(support.shape[:2] + biases.shape[-1:])                  # (B, S, D)
@@ -138,10 +138,10 @@ def fit_in_place(weights: torch.Tensor, biases: torch.Tensor, support: torch.Ten
     # Adam's step count, one per tensor as torch.optim keeps it (float32 on the tensors' device)
     steps = [torch.zeros((), device=weights.device) for _ in range(2)]
     beta1, beta2 = config.betas
-    loss = weights.new_zeros(weights.shape[0])
+    cos = torch.ones(weights.shape[0], 1, 1, device=weights.device, dtype=weights.dtype)  # no step: loss 0
     for lr in config.learning_rates():
         torch.baddbmm(biases.unsqueeze(1), support, weights.transpose(1, 2), out=predictions)
-        loss, grad = cosine_loss_grad(predictions, unit_targets)
+        cos, grad = cosine_loss_grad(predictions, unit_targets)
         torch.bmm(grad.transpose(1, 2), support, out=grad_weights)
         torch.sum(grad, dim=1, out=grad_biases)
         torch._foreach_add_(steps, 1)
@@ -149,7 +149,7 @@ def fit_in_place(weights: torch.Tensor, biases: torch.Tensor, support: torch.Ten
         torch._fused_adam_([weights, biases], [grad_weights, grad_biases], exp_avgs, exp_avg_sqs, [], steps,
                            lr=lr, beta1=beta1, beta2=beta2, weight_decay=config.weight_decay, eps=config.eps,
                            amsgrad=False, maximize=False)
-    return loss
+    return (1 - cos).mean((-2, -1))
 
 
 def fit_regressor(regressor: nn.Linear, support: torch.Tensor, targets: torch.Tensor,
@@ -163,10 +163,9 @@ def fit_regressor(regressor: nn.Linear, support: torch.Tensor, targets: torch.Te
     Returns:
         the loss of the last step (0-d; no device sync here).
     """
-    with torch.no_grad():
-        # (1, D, F) and (1, D) views of the parameters: the update lands in the regressor itself
-        loss = fit_in_place(regressor.weight.unsqueeze(0), regressor.bias.unsqueeze(0), support.unsqueeze(0),
-                            targets.unsqueeze(0), config)
+    # (1, D, F) and (1, D) views of the parameters: the update lands in the regressor itself
+    loss = fit_in_place(regressor.weight.unsqueeze(0), regressor.bias.unsqueeze(0), support.unsqueeze(0),
+                        targets.unsqueeze(0), config)
     return loss[0]
 
 
@@ -189,8 +188,7 @@ def fit_regressors(weight: torch.Tensor, bias: torch.Tensor, support: torch.Tens
     num_episodes = support.shape[0]
     weights = weight.detach().unsqueeze(0).repeat(num_episodes, 1, 1)
     biases = bias.detach().unsqueeze(0).repeat(num_episodes, 1)
-    with torch.no_grad():
-        fit_in_place(weights, biases, support, targets, config)
+    fit_in_place(weights, biases, support, targets, config)
     return weights, biases
 
 
