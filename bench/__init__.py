@@ -38,6 +38,14 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def fill_unset(args: argparse.Namespace, defaults: dict[str, int]) -> argparse.Namespace:
+    """Give every flag named in ``defaults`` that was left unset (<= 0) its value there (a device-dependent size)."""
+    for key, value in defaults.items():
+        if getattr(args, key) <= 0:
+            setattr(args, key, value)
+    return args
+
+
 def setup(args: argparse.Namespace) -> torch.device:
     """Apply --threads and --seed; return the device."""
     torch.manual_seed(args.seed)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import bench_parser, emit, machine, peak_memory, setup, timed
+from bench import bench_parser, emit, fill_unset, machine, peak_memory, setup, timed
 from dataloader.datasets import FeatureSplit
 from dataloader.sampler import EpisodeSampler, episode_labels
 from models.inner_loop import INNER_STATES
@@ -84,11 +84,9 @@ def resolve_sizes(args: argparse.Namespace, device: torch.device) -> argparse.Na
     """Fill the 0 / -1 defaults for the device: the run scripts' sizes on CUDA, minutes-sized ones on a CPU.
     Every measurement is preceded by a warm-up (the first episodes pay for allocations and kernel loading)."""
     cuda = device.type == "cuda"
-    defaults = {"episodes": 600 if cuda else 100, "train_episodes": 100 if cuda else 40,
-                "val_episodes": 100 if cuda else 40, "ref_episodes": 60 if cuda else 10, "warmup": 4 if cuda else 2}
-    for key, value in defaults.items():
-        if getattr(args, key) <= 0:
-            setattr(args, key, value)
+    fill_unset(args, {"episodes": 600 if cuda else 100, "train_episodes": 100 if cuda else 40,
+                      "val_episodes": 100 if cuda else 40, "ref_episodes": 60 if cuda else 10,
+                      "warmup": 4 if cuda else 2})
     if args.carry_episodes < 0:
         args.carry_episodes = 0 if cuda else 30
     return args

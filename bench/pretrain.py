@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import run_pre
-from bench import bench_parser, emit, machine, peak_memory, setup, synchronize, timed
+from bench import bench_parser, emit, fill_unset, machine, peak_memory, setup, synchronize, timed
 from dataloader.batch_augment import torchvision_train_transform, train_augment
 from dataloader.datasets import ImageDataset
 from dataloader.prepare import write_split
@@ -82,11 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_sizes(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
     """Fill the 0 / -1 defaults for the device: full sizes on CUDA, minutes-sized ones on a CPU."""
     cuda = device.type == "cuda"
-    defaults = {"batch_size": 128 if cuda else 16, "steps": 10 if cuda else 2, "warmup_steps": 3 if cuda else 1,
-                "pipeline_images": 8192 if cuda else 512}
-    for key, value in defaults.items():
-        if getattr(args, key) <= 0:
-            setattr(args, key, value)
+    fill_unset(args, {"batch_size": 128 if cuda else 16, "steps": 10 if cuda else 2, "warmup_steps": 3 if cuda else 1,
+                      "pipeline_images": 8192 if cuda else 512})
     if args.wrn_batch_size <= 0:
         args.wrn_batch_size = args.batch_size if cuda else 2
     if args.epoch_images < 0:
