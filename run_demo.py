@@ -13,6 +13,7 @@ import argparse
 from dataloader.demo import DEFAULT_IMAGES_PER_CLASS
 from models import BACKBONES, INNER_STATES
 from trainer.meta import build_parser as meta_parser
+from utils.cli import add_device_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
              "carry (the original release); printed under the table")
     # run
     add("--seed", type=int, default=1, help="seeds pretraining, meta-training and the fixed test episodes")
-    add("--threads", type=int, default=1,
-        help="PyTorch CPU threads (0: PyTorch's default, one per core). 1 was the fastest on a shared 2-core "
-             "machine, where threads waiting on each other slowed the meta stage's small tensor ops up to 10x")
-    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_flags(parser, threads=1)  # one thread: the fastest on the shared 2-core machines the demo targets
     add("--run_dir", default=None, help="run folder (default runs/demo-<time>)")
     add("--quick", action="store_true",
         help="shrink every stage for CI (see QUICK in trainer/demo.py: 20 images per class, 1 pretraining "

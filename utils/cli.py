@@ -12,16 +12,16 @@ import torch
 from utils.io import InputError
 
 
-THREADS_HELP = ("PyTorch CPU threads (0: PyTorch's default, one per core). On a CPU shared with other jobs use 1: "
-                "oversubscribed threads spin-wait on each other and made the meta stage's small tensor ops up to "
-                "10x slower on a shared 2-core machine")
+THREADS_HELP = ("PyTorch CPU threads (0: PyTorch's default, one per core; default here %(default)s). On a CPU "
+                "shared with other jobs use 1: oversubscribed threads spin-wait on each other and made the meta "
+                "stage's small tensor ops up to 10x slower on a shared 2-core machine")
 
 
 def add_device_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-                     device_help: str = "auto, cpu, cuda or cuda:N") -> None:
-    """``--device`` and ``--threads``, read by :func:`utils.runtime.resolve_device`."""
+                     device_help: str = "auto, cpu, cuda or cuda:N", threads: int = 0) -> None:
+    """``--device`` and ``--threads`` (default ``threads``), read by :func:`utils.runtime.resolve_device`."""
     parser.add_argument("--device", default="auto", help=device_help)
-    parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    parser.add_argument("--threads", type=int, default=threads, help=THREADS_HELP)
 
 
 def run_cli(main: Callable, args, batch_flag: str = "the batch size") -> None:
