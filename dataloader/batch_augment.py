@@ -20,9 +20,9 @@ other costs were as large: on a CPU each call allocated ~10 MB of intermediates,
 and then faulted in again page by page (2-3 us per 4 KiB page on a VM), so intermediates now live in per-thread
 buffers reused across calls (`_Scratch`) and batches go in parts of 16 images that stay in cache; and dozens of
 small ops at several microseconds each, now fewer (ColorJitter's coefficients for all three steps at once, one
-op for Normalize). ColorJitter also avoids an addcmul with two broadcast
-operands, which the CPU kernel does not vectorise. In all, `train_augment` is ~2x faster at batch 16 and
-~2.4x at batch 64. The random draws and their order are unchanged: seeded outputs are too, up to ~1e-6.
+op for Normalize). ColorJitter also avoids an addcmul with two broadcast operands, which the CPU kernel does not
+vectorise. In all, `train_augment` is ~2x faster at batch 16 and ~2.4x at batch 64. The random draws and their
+order are unchanged: seeded outputs are too, up to ~1e-6.
 
 Deviations from the PIL path, which rounds to uint8 after each resize pass and each colour step (and uses
 integer luma weights): this path stays in float32, so eval outputs differ from PIL's by 0.26-0.29 grey levels
