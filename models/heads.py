@@ -76,42 +76,46 @@ def similarity_logits(query: torch.Tensor, prototypes: torch.Tensor, metric: str
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
 
-def refine_prototypes(prototypes: torch.Tensor, query_embeds: torch.Tensor, config: HeadConfig) -> torch.Tensor:
-    """Transductive refinement: k-means (k = way) on the queries; each prototype becomes the L2-normalised
-    mean of itself and its nearest cluster centre.
+def refine_prototypes(visual_protos: torch.Tensor, visual_query: torch.Tensor, config: HeadConfig) -> torch.Tensor:
+    """Transductive refinement of the visual prototypes, as the release: k-means (k = way) on the projected
+    queries; each prototype becomes the L2-normalised mean of itself and its nearest cluster centre.
+
+    The release computes this in NumPy, so the refined prototypes carry no gradient: in a transductive
+    training episode only the queries (and the class vectors) reach ``feat_learner``. Both heads call it on
+    the visual part alone; they differ only in how they combine the result with the semantic part.
 
     Args:
-        prototypes: (..., W, E); query_embeds: (..., Q, E) in the same space.
+        visual_protos: (..., W, D) mean projected support; visual_query: (..., Q, D) projected queries
+            (unnormalised; the semantic part takes no part in the clustering).
 
     Returns:
-        (..., W, E) refined prototypes.
+        (..., W, D) refined prototypes, unit norm, detached.
     """
-    lead = prototypes.shape[:-2]
-    prototypes_flat = prototypes.reshape(-1, *prototypes.shape[-2:])                  # (B, W, E)
-    queries_flat = query_embeds.reshape(-1, *query_embeds.shape[-2:]).detach()         # (B, Q, E)
-    way = prototypes_flat.shape[1]
-    centres = batched_kmeans(queries_flat, way, max_iter=config.kmeans_max_iter, n_init=config.kmeans_n_init,
-                             seed=config.kmeans_seed).centres                          # (B, W, E)
-    nearest = torch.cdist(prototypes_flat.detach(), centres).argmin(-1)               # (B, W)
+    lead = visual_protos.shape[:-2]
+    prototypes = visual_protos.detach().reshape(-1, *visual_protos.shape[-2:])         # (B, W, D)
+    queries = visual_query.detach().reshape(-1, *visual_query.shape[-2:])               # (B, Q, D)
+    way = prototypes.shape[1]
+    centres = batched_kmeans(queries, way, max_iter=config.kmeans_max_iter, n_init=config.kmeans_n_init,
+                             seed=config.kmeans_seed).centres                          # (B, W, D)
+    # squared Euclidean as a difference (not the expansion), so near-ties resolve as the release's NumPy does
+    nearest = (prototypes.unsqueeze(2) - centres.unsqueeze(1)).pow(2).sum(-1).argmin(-1)  # (B, W)
     nearest_centres = torch.gather(centres, 1, nearest.unsqueeze(-1).expand(-1, -1, centres.shape[-1]))
-    refined = F.normalize((nearest_centres + prototypes_flat) / 2, dim=-1)
+    refined = F.normalize((nearest_centres + prototypes) / 2, dim=-1)
     return refined.reshape(*lead, *refined.shape[-2:])
 
 
 def fusion_logits(visual_protos: torch.Tensor, semantic_protos: torch.Tensor, visual_query: torch.Tensor,
-                  semantic_query: torch.Tensor, config: HeadConfig, transductive: bool = False) -> torch.Tensor:
+                  semantic_query: torch.Tensor, config: HeadConfig) -> torch.Tensor:
     """Fusion head: proto = lam*v_proto + (1-lam)*sem, query = lam*v_q + (1-lam)*s_q, scored by the metric.
 
     Args:
-        visual_protos: (..., W, D) mean projected support; semantic_protos: (..., W, D) class vectors;
-        visual_query: (..., Q, D) projected queries; semantic_query: (..., Q, D) regressed queries.
-        transductive: refine the visual prototypes with k-means on the projected queries first.
+        visual_protos: (..., W, D) mean projected support (or its transductive refinement);
+        semantic_protos: (..., W, D) class vectors; visual_query: (..., Q, D) projected queries;
+        semantic_query: (..., Q, D) regressed queries.
 
     Returns:
         (..., Q, W) logits.
     """
-    if transductive:
-        visual_protos = refine_prototypes(visual_protos, visual_query, config)
     lam = config.lamda
     prototypes = lam * visual_protos + (1 - lam) * semantic_protos
     query = lam * visual_query + (1 - lam) * semantic_query
@@ -119,15 +123,13 @@ def fusion_logits(visual_protos: torch.Tensor, semantic_protos: torch.Tensor, vi
 
 
 def concat_logits(visual_protos: torch.Tensor, semantic_protos: torch.Tensor, visual_query: torch.Tensor,
-                  semantic_query: torch.Tensor, config: HeadConfig, transductive: bool = False) -> torch.Tensor:
+                  semantic_query: torch.Tensor, config: HeadConfig) -> torch.Tensor:
     """Concatenation head: proto = normalize([v_proto, sem]), query = normalize([v_q, s_q]) (2D-dim), scored
-    by the metric. Arguments and result as :func:`fusion_logits` (the same order for both heads);
-    ``transductive`` refines the concatenated prototypes with k-means on the concatenated queries.
+    by the metric. Arguments and result as :func:`fusion_logits` (the same order for both heads). A refined
+    visual prototype is already unit norm while the class vector stays raw, as in the release.
     """
     prototypes = F.normalize(torch.cat([visual_protos, semantic_protos], -1), dim=-1)
     query = F.normalize(torch.cat([visual_query, semantic_query], -1), dim=-1)
-    if transductive:
-        prototypes = refine_prototypes(prototypes, query, config)
     return similarity_logits(query, prototypes, config.metric)
 
 
@@ -154,11 +156,16 @@ class TasNet(nn.Module):
         Args:
             support: (..., way*shot, F) shot-major; query: (..., Q, F);
             semantic_protos: (..., way, D); semantic_query: (..., Q, D).
+            transductive: refine the visual prototypes with k-means on the projected queries first
+                (:func:`refine_prototypes`; the release does so in training episodes too).
 
         Returns:
             (..., Q, way) logits.
         """
         way = semantic_protos.shape[-2]
         visual_protos = class_prototypes(self.feat_learner(support), way, shot)
-        return HEAD_FUNCTIONS[self.config.head](visual_protos, semantic_protos, self.feat_learner(query),
-                                                semantic_query, self.config, transductive)
+        visual_query = self.feat_learner(query)
+        if transductive:
+            visual_protos = refine_prototypes(visual_protos, visual_query, self.config)
+        return HEAD_FUNCTIONS[self.config.head](visual_protos, semantic_protos, visual_query, semantic_query,
+                                                self.config)

@@ -6,12 +6,15 @@ built once per test run and reused by every test file that asks for it.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# The release's reference outputs (backbone state-dict keys and seeded outputs, meta-head episodes)
+REFERENCE_DIR = Path(os.environ.get("TASNET_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
 
 
 def _shared(*parts: str) -> Path:
@@ -29,6 +32,14 @@ def _prepare(tmp_path_factory: pytest.TempPathFactory, dataset: str, *args: str)
     root = tmp_path_factory.mktemp(f"prepared-{dataset}")
     assert main([dataset, *args, "--out", str(root / dataset)]) == 0, f"preparing {dataset} failed"
     return root
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The folder of the release's reference outputs ($TASNET_REFERENCE; skips when absent)."""
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"{REFERENCE_DIR} not found: set TASNET_REFERENCE to the release's reference outputs")
+    return REFERENCE_DIR
 
 
 @pytest.fixture(scope="session")

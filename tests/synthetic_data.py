@@ -65,3 +65,28 @@ def make_tiny_mini(raw: Path, zipped: bool = False) -> Path:
 
 def mini_args(raw: Path, out: Path) -> list[str]:
     return ["mini", "--raw", str(raw), "--glove", str(raw / "glove.txt"), "--out", str(out)]
+
+
+def release_state_dict_keys(reference_file: Path) -> dict[str, tuple[int, ...]]:
+    """``key -> shape`` of a reference state-dict list (``key<TAB>shape<TAB>dtype`` lines, ``#`` comments)."""
+    shapes = {}
+    for line in reference_file.read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, shape, _ = line.split("\t")
+            shapes[key] = tuple(int(n) for n in shape.strip("()").split(",") if n.strip())
+    return shapes
+
+
+def release_meta_params(feat_learner: dict, word_learner: dict, encoder_shapes: dict) -> dict:
+    """A meta state dict in the original release's layout: an unused random ``encoder.*``, the regressor under
+    ``word_learner.{fc1_w,fc1_b}`` and again as ``word_learner.vars.{0,1}``, and ``feat_learner.*``."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    params = {f"encoder.{key}": torch.randn(shape, generator=generator) if shape else torch.zeros((), dtype=torch.long)
+              for key, shape in encoder_shapes.items()}
+    weight, bias = word_learner["weight"].clone(), word_learner["bias"].clone()
+    params.update({"word_learner.fc1_w": weight, "word_learner.fc1_b": bias,
+                   "word_learner.vars.0": weight.clone(), "word_learner.vars.1": bias.clone()})
+    params.update({f"feat_learner.{key}": value.clone() for key, value in feat_learner.items()})
+    return params

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from models import build_backbone
+from models.heads import HeadConfig, TasNet
+from synthetic_data import release_meta_params, release_state_dict_keys
 from trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint, strip_prefixes
 from utils import InputError
 
@@ -109,3 +112,53 @@ def test_map_location(tmp_path):
     save_checkpoint(tmp_path / "m.pth", small_net().state_dict())
     ckpt = load_checkpoint(tmp_path / "m.pth", map_location="cpu")
     assert all(v.device.type == "cpu" for v in ckpt["params"].values())
+
+
+@pytest.mark.parametrize("model_type", ["res12", "wrn28"])
+def test_release_pretraining_checkpoint_loads_as_init_weights(tmp_path, reference_dir, model_type):
+    """The release's pretraining saves ``{'params': encoder.* + pre_fc.0.*}``: the backbone part loads."""
+    shapes = release_state_dict_keys(reference_dir / f"{model_type}_state_dict.txt")
+    g = torch.Generator().manual_seed(0)
+    params = {f"encoder.{k}": torch.randn(s, generator=g) if s else torch.tensor(3) for k, s in shapes.items()}
+    params.update({"pre_fc.0.weight": torch.randn(64, 640, generator=g), "pre_fc.0.bias": torch.zeros(64)})
+    torch.save({"params": params}, tmp_path / "max_acc.pth")
+    backbone = build_backbone(model_type)
+    load_weights(backbone, tmp_path / "max_acc.pth", kind="backbone")
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, params[f"encoder.{key}"]), key
+
+
+def release_meta_file(path: Path, reference_dir: Path, dim: int = 300) -> dict:
+    g = torch.Generator().manual_seed(1)
+    feat = {"weight": torch.randn(dim, 640, generator=g), "bias": torch.randn(dim, generator=g)}
+    word = {"weight": torch.randn(dim, 640, generator=g), "bias": torch.randn(dim, generator=g)}
+    params = release_meta_params(feat, word, release_state_dict_keys(reference_dir / "res12_state_dict.txt"))
+    torch.save({"params": params}, path)
+    return params
+
+
+@pytest.mark.parametrize("dim", [300, 312])
+def test_release_meta_checkpoint_maps_onto_tasnet(tmp_path, reference_dir, dim):
+    params = release_meta_file(tmp_path / "meta.pth", reference_dir, dim)
+    ckpt = load_checkpoint(tmp_path / "meta.pth")
+    assert (ckpt["kind"], ckpt["semantic_dim"], ckpt["release"]) == ("meta", dim, True)
+    model = TasNet(640, dim, HeadConfig())
+    load_weights(model, tmp_path / "meta.pth", kind="meta")        # the unused encoder.* is left out
+    assert torch.equal(model.word_learner.weight, params["word_learner.fc1_w"])
+    assert torch.equal(model.word_learner.bias, params["word_learner.vars.1"])
+    assert torch.equal(model.feat_learner.weight, params["feat_learner.weight"])
+    with pytest.raises(InputError, match="meta checkpoint is needed|backbone checkpoint is needed"):
+        load_weights(build_backbone("res12"), tmp_path / "meta.pth", kind="backbone")
+
+
+def test_release_meta_checkpoint_with_differing_twins_is_refused(tmp_path, reference_dir):
+    params = release_meta_file(tmp_path / "meta.pth", reference_dir)
+    params["word_learner.vars.0"] = params["word_learner.vars.0"] + 1
+    torch.save({"params": params}, tmp_path / "meta.pth")
+    with pytest.raises(InputError, match=r"fc1_w and word_learner\.vars\.0 .*differ"):
+        load_checkpoint(tmp_path / "meta.pth")
+    params["word_learner.vars.0"] = params["word_learner.fc1_w"]
+    del params["word_learner.fc1_b"]
+    torch.save({"params": params}, tmp_path / "meta.pth")
+    with pytest.raises(InputError, match="fc1_b, which is missing"):
+        load_checkpoint(tmp_path / "meta.pth")

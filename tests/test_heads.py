@@ -78,14 +78,20 @@ def test_refine_prototypes_by_hand():
     assert refine_prototypes(protos[0], query[0], HeadConfig()).shape == (2, 2)   # no batch dimension
 
 
-def test_transductive_fusion_refines_the_visual_part_only():
-    config = HeadConfig(head="fusion", metric="euclidean", lamda=0.5)
+@pytest.mark.parametrize("head", ["fusion", "concat"])
+def test_transductive_refines_the_visual_part_only(head):
+    config = HeadConfig(head=head, metric="euclidean", lamda=0.5)
+    model = TasNet(2, 2, config)
+    with torch.no_grad():                                   # feat_learner = identity: visual part = input
+        model.feat_learner.weight.copy_(torch.eye(2))
+        model.feat_learner.bias.zero_()
     visual_query = torch.tensor([[9.0, 0], [11, 0], [0, 9], [0, 11]])
     semantic_query = torch.zeros(4, 2)
-    logits = fusion_logits(VISUAL_PROTOS, SEMANTIC_PROTOS, visual_query, semantic_query, config, transductive=True)
+    with torch.no_grad():
+        logits = model(VISUAL_PROTOS, visual_query, SEMANTIC_PROTOS, semantic_query, shot=1, transductive=True)
     refined_visual = F.normalize(torch.tensor([[5.5, 0.0], [0.0, 6.0]]), dim=-1)   # (centre + proto) / 2
-    expected = fusion_logits(refined_visual, SEMANTIC_PROTOS, visual_query, semantic_query, config)
-    torch.testing.assert_close(logits, expected)
+    combine = fusion_logits if head == "fusion" else concat_logits
+    torch.testing.assert_close(logits, combine(refined_visual, SEMANTIC_PROTOS, visual_query, semantic_query, config))
 
 
 def test_regressor_init_and_metric_names():

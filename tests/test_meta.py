@@ -15,7 +15,7 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.evaluate import episode_indices
 from trainer.meta import (DATASET_DEFAULTS, MetaConfig, build_parser, cli, gather_episodes, main, outer_lr,
                           resolve_auto)
-from synthetic_data import DIM, write_synthetic
+from synthetic_data import DIM, release_meta_params, release_state_dict_keys, write_synthetic
 from utils import InputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,6 +132,25 @@ def test_carry_concat_saves_the_carried_regressor_and_eval_reproduces(data_root,
     (again,) = run("run_concatenation.py", data_root, tmp_path / "ce", "--model_type", "res12", "--shot", "1",
                    "--inner_state", "carry", "--eval_weights", str(tmp_path / "c" / "max_acc.pth"))
     assert again["test_acc"] == result["test_acc"]
+
+
+def test_release_meta_checkpoint_evaluates_as_the_release(data_root, tmp_path, reference_dir, capsys):
+    """A meta checkpoint in the release's layout, holding the same weights as one of ours, tests identically:
+    carry mode continues its carried regressor; reset mode says where the release's number comes from."""
+    (ours,) = run("run_fusion.py", data_root, tmp_path / "ours", "--shot", "1", "--inner_state", "carry",
+                  "--max_epoch", "1")
+    params = load_checkpoint(tmp_path / "ours" / "max_acc.pth")["params"]
+    release = release_meta_params({k[13:]: v for k, v in params.items() if k.startswith("feat_learner.")},
+                                  {k[13:]: v for k, v in params.items() if k.startswith("word_learner.")},
+                                  release_state_dict_keys(reference_dir / "res12_state_dict.txt"))
+    torch.save({"params": release}, tmp_path / "release.pth")       # no metadata, as the release saves it
+    capsys.readouterr()
+    (carried,) = run("run_fusion.py", data_root, tmp_path / "rc", "--shot", "1", "--inner_state", "carry",
+                     "--eval_weights", str(tmp_path / "release.pth"))
+    assert carried["test_acc"] == ours["test_acc"] and "--inner_state carry" not in capsys.readouterr().out
+    run("run_fusion.py", data_root, tmp_path / "rr", "--shot", "1", "--eval_weights", str(tmp_path / "release.pth"))
+    notes = [line for line in capsys.readouterr().out.splitlines() if "release" in line]
+    assert len(notes) == 1 and "--inner_state carry" in notes[0]
 
 
 @pytest.mark.parametrize("inner_state", ["reset", "carry"])

@@ -60,13 +60,57 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(ckpt, dict):
         raise InputError(f"{path}: expected a dict of tensors, found {type(ckpt).__name__}.")
     if isinstance(ckpt.get("params"), Mapping):
-        return dict(ckpt)
-    if isinstance(ckpt.get("state_dict"), Mapping):
-        return {**ckpt, "params": ckpt["state_dict"]}
-    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return {"params": ckpt}
-    raise InputError(f"{path}: no 'params' or 'state_dict' entry and not a bare state dict "
-                     f"(top-level keys: {sorted(ckpt)[:10]}).")
+        ckpt = dict(ckpt)
+    elif isinstance(ckpt.get("state_dict"), Mapping):
+        ckpt = {**ckpt, "params": ckpt["state_dict"]}
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        ckpt = {"params": ckpt}
+    else:
+        raise InputError(f"{path}: no 'params' or 'state_dict' entry and not a bare state dict "
+                         f"(top-level keys: {sorted(ckpt)[:10]}).")
+    if is_release_meta(ckpt["params"]):
+        ckpt = from_release_meta(ckpt, path)
+    return ckpt
+
+
+# The release's meta checkpoints hold the semantic regressor in its functional form, each tensor twice:
+# fc1_w/fc1_b as attributes and vars.0/vars.1 in its parameter list. Our name for each, and its twin.
+RELEASE_REGRESSOR = {"word_learner.fc1_w": ("word_learner.weight", "word_learner.vars.0"),
+                     "word_learner.fc1_b": ("word_learner.bias", "word_learner.vars.1")}
+
+
+def is_release_meta(params: Mapping[str, torch.Tensor]) -> bool:
+    """True for a meta checkpoint saved by the original release (its regressor keys ``word_learner.fc1_w``...)."""
+    return any(key.split("module.")[-1] == "word_learner.fc1_w" for key in params)
+
+
+def from_release_meta(ckpt: dict, path: str | os.PathLike) -> dict:
+    """The release's meta checkpoint in our layout: ``{'params': feat_learner.* + word_learner.{weight,bias}}``.
+
+    Its ``encoder.*`` (a randomly initialised backbone the meta stage never uses) is dropped; each regressor
+    tensor must equal its saved twin; the class-vector size D is read from the file (the release hard-codes
+    300, or 312 on CUB). The regressor is kept in the state the release carried it to, so that an evaluation
+    with ``--inner_state carry`` continues from it as the release's own evaluation does.
+    """
+    params = {key.split("module.")[-1]: value for key, value in ckpt["params"].items()}
+    mapped = {key: value for key, value in params.items() if key.startswith("feat_learner.")}
+    for release_key, (our_key, twin_key) in RELEASE_REGRESSOR.items():
+        if release_key not in params:
+            raise InputError(f"{path}: a release meta checkpoint needs {release_key}, which is missing "
+                             f"(found: {sorted(params)[:8]}...).")
+        if twin_key in params and not torch.equal(params[twin_key], params[release_key]):
+            raise InputError(f"{path}: {release_key} and {twin_key} should be the same tensor saved twice, "
+                             f"but they differ; the file is damaged or was edited.")
+        mapped[our_key] = params[release_key]
+    known = {"feat_learner.weight", "feat_learner.bias", *RELEASE_REGRESSOR,
+             *(twin for _, twin in RELEASE_REGRESSOR.values())}
+    unexpected = [key for key in params if key not in known and not key.startswith("encoder.")]
+    if unexpected or "feat_learner.weight" not in mapped:
+        missing = "" if "feat_learner.weight" in mapped else "feat_learner.weight is missing; "
+        raise InputError(f"{path}: not the release's meta layout ({missing}unexpected keys: {unexpected[:8]}).")
+    semantic_dim = int(mapped["feat_learner.weight"].shape[0])
+    return {**{k: v for k, v in ckpt.items() if k != "params"}, "params": mapped, "kind": "meta",
+            "release": True, "semantic_dim": semantic_dim, "inner_state": "carry"}
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

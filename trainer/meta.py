@@ -19,7 +19,10 @@ Behaviour of the original release kept on purpose (DESIGN A5), each with a flag:
   ``--inner_state reset`` starts every episode from the same saved state (independent, batched episodes).
 - ``--normalize_input train`` (concat default): the input features are L2-normalised in the training
   episodes only, not in validation or test.
-- ``--setting tran``: transductive refinement of the prototypes at validation and test (not in training).
+- ``--setting tran``: transductive refinement of the visual prototypes (k-means on the projected queries), in
+  training, validation and test episodes alike, with no gradient through the refined prototypes.
+- ``--eval_weights`` also takes the release's own meta checkpoints; with ``--inner_state carry`` the test
+  continues the regressor the release carried, as its own evaluation does.
 """
 from __future__ import annotations
 
@@ -118,8 +121,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help="L2-normalise the input features: never, in training episodes only (the original concat "
              "head's behaviour), or always; auto: DATASET_DEFAULTS")
     add("--setting", default="in", choices=SETTINGS,
-        help="in: inductive; tran: transductive (k-means on the projected queries refines the prototypes at "
-             "validation and test)")
+        help="in: inductive; tran: transductive (k-means on the projected queries refines the visual prototypes, "
+             "in training episodes too, as the release)")
     add("--kmeans_max_iter", type=int, default=1000, help="transductive k-means: Lloyd iterations at most")
     add("--kmeans_n_init", type=int, default=10, help="transductive k-means: seedings per episode, best kept")
     add("--kmeans_seed", type=int, default=0, help="transductive k-means: seed of the k-means++ seeding")
@@ -138,7 +141,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
              "them a few at a time, see models.inner_loop.fit_batch_size); memory grows with it")
     # run
     add("--eval_weights", default=None,
-        help="meta checkpoint (a max_acc.pth of this stage) to test without training")
+        help="meta checkpoint to test without training: the max_acc.pth of this stage, or a meta checkpoint "
+             "saved by the original release (use --inner_state carry to reproduce the release's number)")
     add("--run_dir", default=None,
         help="run folder (default runs/<head>_<dataset>_<model_type>-<time>); one shot<K>/ per shot when "
              "several shots are given")
@@ -296,7 +300,7 @@ def train_epoch(model: TasNet, optimizer: torch.optim.Optimizer, split: FeatureS
         semantic_query = episode_semantics(model, batch, config)
         for b in range(chunk.shape[0]):
             logits = model(batch.support[b], batch.query[b], batch.semantic_protos[b], semantic_query[b],
-                           config.shot)
+                           config.shot, transductive=config.setting == "tran")
             loss = F.cross_entropy(logits, batch.query_labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -354,11 +358,11 @@ def load_meta_model(path: str | Path, config: MetaConfig, feature_dim: int, sema
     path = resolve_path(path)
     ckpt = load_checkpoint(path, map_location=device)
     params = strip_prefixes(ckpt["params"])
-    if ckpt.get("kind") == "backbone" or not any(k.startswith("feat_learner.") for k in params):
+    if ckpt.get("kind") == "backbone" or "feat_learner.weight" not in params:
         raise InputError(f"{path}: this is not a meta checkpoint (no feat_learner weights; it looks like a "
                          f"backbone). Pass a backbone as --init_weights; --eval_weights takes the max_acc.pth "
                          f"of a run_fusion.py / run_concatenation.py run.")
-    found_dim = ckpt.get("semantic_dim", params["feat_learner.weight"].shape[0])
+    found_dim = params["feat_learner.weight"].shape[0]
     if found_dim != semantic_dim:
         raise InputError(f"{path}: the model maps to D = {found_dim} but the class vectors of this dataset have "
                          f"D = {semantic_dim}; it was trained with another word-vector file or dataset.")
@@ -481,7 +485,10 @@ class MetaRun:
         """Test the meta checkpoint ``weights`` on the fixed test episodes; writes and returns result.json."""
         args, config = self.args, self.config
         model, ckpt = load_meta_model(weights, config, self.feature_dim, self.semantic_dim, self.device)
-        if ckpt.get("inner_state") not in (None, config.inner_state):
+        if ckpt.get("release") and config.inner_state == "reset":
+            print(f"note: {weights} is a release checkpoint; the release's own test accuracy comes from "
+                  f"--inner_state carry (its regressor carried on from this saved state), not reset")
+        elif ckpt.get("inner_state") not in (None, config.inner_state):
             print(f"note: {weights} was trained with --inner_state {ckpt['inner_state']}; testing with "
                   f"--inner_state {config.inner_state}")
         indices = self.episodes("test", args.test_query, args.test_episodes, args.seed)
