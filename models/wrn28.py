@@ -2,10 +2,9 @@
 
 A 3x3 stem (3 -> 16) then three stages of four pre-activation ``wide_basic`` blocks of widths 160/320/640 with
 strides 1/2/2, a final BN + ReLU, and the original's avg_pool2d(21): 84x84 -> 84 -> 42 -> 21 -> 640-d.
+Initialisation: PyTorch's defaults for every layer, as in the release.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -60,14 +59,8 @@ class WRN28(nn.Module):
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
         self.bn1 = nn.BatchNorm2d(in_channels, momentum=0.9)
         self.pool = FeaturePool(pool, fixed_size=21)
-        for m in self.modules():
-            # The original WRN init: Xavier-uniform (gain sqrt 2) conv weights, zero biases, BN weight 1 bias 0.
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight, gain=math.sqrt(2))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        # No custom initialisation on purpose: the release defines a Xavier ``conv_init`` for its WRN but never
+        # applies it, so its WRN-28-10 starts from PyTorch's default layer initialisation, as this one does.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 640)"""

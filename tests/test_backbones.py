@@ -84,3 +84,28 @@ def test_fixed_pool_refuses_other_sizes_and_adaptive_accepts_them(name):
 def test_unknown_backbone_is_refused():
     with pytest.raises(ValueError, match="res12"):
         build_backbone("resnet50")
+
+
+def test_wrn28_keeps_pytorch_default_initialisation():
+    """The release never applies its WRN ``conv_init``: our WRN must start from PyTorch's default init.
+
+    Under one seed, every layer of the WRN must hold the tensors that the same layers, built by hand with
+    their default initialisation in the WRN's construction order, would hold: any custom init (the Xavier
+    conv weights and zero biases of an earlier version) breaks the equality.
+    """
+    torch.manual_seed(7)
+    model = build_backbone("wrn28")
+    torch.manual_seed(7)
+    compared = 0
+    for name, module in model.named_modules():  # registration order = construction order here
+        if isinstance(module, torch.nn.Conv2d):
+            reference = torch.nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                                        stride=module.stride, padding=module.padding, bias=module.bias is not None)
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            reference = torch.nn.BatchNorm2d(module.num_features, momentum=module.momentum)
+        else:
+            continue
+        for key, expected in reference.state_dict().items():
+            assert torch.equal(module.state_dict()[key], expected), f"{name}.{key} is not PyTorch's default"
+        compared += 1
+    assert compared == 1 + 12 * 4 + 3 + 1  # stem conv, 12 blocks x (bn1, conv1, bn2, conv2), 3 shortcuts, final bn

@@ -237,6 +237,30 @@ def test_tiered_release_format(tmp_path, shared_data):
     assert len(uniform_rows) == 3 and len({row.tobytes() for row in uniform_rows}) == 3
 
 
+def test_tiered_bgr_is_rgb_with_the_channel_axis_reversed(tmp_path, shared_data):
+    """``--channel_order bgr`` stores what the original's cv2.imdecode gave; the default stays RGB."""
+    sources = make_tiny_tiered(tmp_path / "raw", shared_data)
+    common = ["tiered", "--raw", str(tmp_path / "raw"),
+              "--glove", str(shared_data / "glove" / "glove.6B.50d.subset.txt")]
+    assert main([*common, "--out", str(tmp_path / "default")]) == 0
+    assert main([*common, "--out", str(tmp_path / "bgr"), "--channel_order", "bgr"]) == 0
+    for split in SPLITS:
+        rgb_images, rgb_targets, rgb_vectors, rgb_classes = load_split(tmp_path / "default", split)
+        bgr_images, bgr_targets, bgr_vectors, bgr_classes = load_split(tmp_path / "bgr", split)
+        np.testing.assert_array_equal(bgr_images, rgb_images[..., ::-1])
+        np.testing.assert_array_equal(bgr_targets, rgb_targets)
+        np.testing.assert_array_equal(bgr_vectors, rgb_vectors)
+        assert bgr_classes == rgb_classes
+        first = np.random.RandomState(SEED).permutation(len(rgb_targets))[0]
+        np.testing.assert_array_equal(rgb_images[0], resized(sources[split][first]))  # default: RGB
+
+
+def test_channel_order_bgr_is_refused_for_other_datasets(tmp_path, capsys):
+    assert main(["mini", "--raw", str(tmp_path), "--glove", str(tmp_path / "g.txt"),
+                 "--channel_order", "bgr"]) == 2
+    assert "--channel_order bgr applies to tiered only" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------- CIFAR-FS
 
 

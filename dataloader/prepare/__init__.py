@@ -6,7 +6,8 @@
     python -m dataloader.prepare cub      --raw CUB_200_2011 --out data/cub
 
 For each split (train, val, test) it writes into ``--out``:
-    few-shot-<split>.npz          features uint8 (N, 84, 84, 3) RGB, targets int64 (N,) labels 0..C-1
+    few-shot-<split>.npz          features uint8 (N, 84, 84, 3) RGB (tiered --channel_order bgr: BGR),
+                                  targets int64 (N,) labels 0..C-1
     few-shot-wordemb-<split>.npz  features float32 (C, D): row c is the semantic vector of label c
     classes-<split>.txt           one line per label: class id <TAB> class name
 
@@ -28,7 +29,9 @@ Deliberate differences from the original release:
   (N, 84, 84, 3) and the loaders need no dataset-specific branch. The original stored 32x32 and resized in
   the loader (Resize 92 -> CenterCrop 84), so CIFAR-FS pixels reach the network through a different
   interpolation path.
-- tieredImageNet PNGs are decoded with PIL into RGB (A1 stores RGB everywhere).
+- tieredImageNet PNGs are decoded with PIL into RGB, like every other dataset. The original decoded them with
+  OpenCV, so its tiered arrays hold BGR images (normalised later with RGB statistics) and a backbone it trained
+  on tieredImageNet expects BGR input: ``--channel_order bgr`` stores that order, to evaluate such a backbone.
 - Pickles are read with an unpickler that rebuilds only NumPy arrays and builtin containers: a downloaded
   pickle cannot run code.
 
@@ -56,7 +59,7 @@ from dataloader.prepare.common import (DEFAULT_SEED, IMAGE_SIZE, SPLITS, SplitPl
 from dataloader.prepare.cub import prepare_cub
 from dataloader.prepare.mini import prepare_mini
 from dataloader.prepare.pickles import load_pickle
-from dataloader.prepare.tiered import prepare_tiered
+from dataloader.prepare.tiered import CHANNEL_ORDERS, prepare_tiered
 from utils import InputError, resolve_path
 
 __all__ = ["DATASETS", "DEFAULT_SEED", "IMAGE_SIZE", "SPLITS", "CIFAR100_FINE_NAMES", "SplitPlan", "load_pickle",
@@ -83,6 +86,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="dataset folder to write (default: data/<dataset>)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="seed of the per-split sample shuffle and of the U(-1,1) fallback vectors")
+    parser.add_argument("--channel_order", choices=CHANNEL_ORDERS, default="rgb",
+                        help="tiered only: channel order of the stored images. rgb (default) for everything "
+                             "trained with this code; bgr to evaluate a backbone that the original TasNet code "
+                             "trained on tieredImageNet (it decoded the PNGs with OpenCV, so that backbone saw "
+                             "BGR images normalised with RGB statistics)")
     parser.add_argument("--split_dir", default=None,
                         help="cifar_fs from CIFAR-100 only: folder with train.json/val.json/test.json "
                              "(default: --raw)")
@@ -90,8 +98,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def prepare(dataset: str, raw: Path, out: Path, glove: Path | None = None, seed: int = DEFAULT_SEED,
-            split_dir: Path | None = None) -> None:
-    """Prepare ``dataset`` from the raw folder ``raw`` into the dataset folder ``out``."""
+            split_dir: Path | None = None, channel_order: str = "rgb") -> None:
+    """Prepare ``dataset`` from the raw folder ``raw`` into the dataset folder ``out``.
+
+    ``channel_order`` (``rgb`` or ``bgr``) applies to tiered only; ``bgr`` for another dataset is refused.
+    """
+    if channel_order != "rgb" and dataset != "tiered":
+        raise InputError(f"--channel_order {channel_order} applies to tiered only (the original decoded only "
+                         f"tieredImageNet with OpenCV); {dataset} is always stored RGB")
     if not raw.is_dir():
         raise InputError(f"--raw {raw}: folder not found")
     if dataset == "cub":
@@ -105,7 +119,7 @@ def prepare(dataset: str, raw: Path, out: Path, glove: Path | None = None, seed:
     if dataset == "mini":
         prepare_mini(raw, out, glove, seed)
     elif dataset == "tiered":
-        prepare_tiered(raw, out, glove, seed)
+        prepare_tiered(raw, out, glove, seed, channel_order)
     else:
         prepare_cifar_fs(raw, out, glove, seed, split_dir)
 
@@ -119,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         prepare(args.dataset, resolve_path(args.raw), resolve_path(args.out or f"data/{args.dataset}"),
                 None if args.glove is None else resolve_path(args.glove), args.seed,
-                None if args.split_dir is None else resolve_path(args.split_dir))
+                None if args.split_dir is None else resolve_path(args.split_dir), args.channel_order)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
