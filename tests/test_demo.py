@@ -12,7 +12,7 @@ import torch
 
 import run_demo
 from models import BACKBONES, build_backbone
-from trainer import demo
+from trainer import demo, report
 from utils import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,8 @@ def test_quick_demo_leaves_every_stage_file(quick_demo):
     data = data_root / demo.QUICK_SUBFOLDER / "demo"
     model_type = run_demo.build_parser().get_default("model_type")
     expected = [data / "demo.json", run_dir / "pretrain" / "max_acc.pth", run_dir / "pretrain" / "curves.png",
-                run_dir / "protonet" / "result.json", run_dir / "results.json", run_dir / "results.md"]
+                run_dir / "protonet" / "result.json", run_dir / "results.json", run_dir / "results.md",
+                run_dir / "results.csv", run_dir / "results.png"]
     expected += [data / model_type / f"feat-{split}.npz" for split in ("train", "val", "test")]
     for head in demo.HEADS:
         for shot in SHOTS:
@@ -62,9 +63,9 @@ def test_quick_demo_accuracies_are_finite_and_above_chance(quick_demo):
             assert result["test_acc"] == results["table"][head][str(shot)]["acc"]
             assert result["test_episodes"] == demo.QUICK["test_episodes"]
             assert result["inner_state"] == run_demo.build_parser().get_default("inner_state")
-    # the table is printed, one row per method, with the inner-loop mode under it
-    for name in demo.METHOD_NAMES.values():
-        assert name in stdout
+    # the table is printed by trainer.report, one row per method, with the inner-loop mode under it
+    for method in ("protonet", "tasnet_fusion", "tasnet_concat"):
+        assert f"| {report.METHOD_NAMES[method]} |" in stdout
     assert "inner_state reset" in stdout or "inner_state carry" in stdout
 
 

@@ -7,7 +7,8 @@
 4. protonet  the ProtoNet baseline of that backbone (``trainer.evaluate.proto_baseline``)
 5. fusion    TasNet, fusion head (``trainer.meta``), trained and tested per shot
 6. concat    TasNet, concatenation head, the same
-then one table of test accuracies (mean +- 95% CI) on the same fixed test episodes for every method.
+then one table of test accuracies (mean +- 95% CI) on the same fixed test episodes for every method, made by
+:mod:`trainer.report` from the stages' result.json files.
 
 The run folder::
 
@@ -16,7 +17,9 @@ The run folder::
     <run_dir>/fusion/shot<K>/    config.json, log.jsonl, curves.png, max_acc.pth, result.json
     <run_dir>/concat/shot<K>/    the same
     <run_dir>/results.json       the table, the settings and the wall time of every stage
-    <run_dir>/results.md         the table as markdown
+    <run_dir>/results.md         the table as markdown (trainer.report's), with the notes under it
+    <run_dir>/results.csv        trainer.report's CSV: one line per method and shot, every setting
+    <run_dir>/results.png        trainer.report's bar chart of the table
 
 Every stage goes through its own script's parser (run_pre.py, run_proto.py, trainer.meta), so it runs with
 that script's defaults except for the flags the demo sets here.
@@ -32,13 +35,13 @@ import torch
 
 from dataloader.datasets import SPLITS
 from dataloader.demo import SPLIT_SIZES, ensure_demo_dataset
+from trainer import report
 from trainer.runs import default_run_dir
 from utils import InputError, resolve_device, resolve_path, save_json
 from utils.io import atomic_write
 
 DATASET = "demo"
 HEADS = ("fusion", "concat")
-METHOD_NAMES = {"protonet": "ProtoNet baseline", "fusion": "TasNet fusion", "concat": "TasNet concat"}
 DESCRIPTION = "synthetic colour-pattern-shape images, real GloVe 6B 50-d semantics"
 BACKBONE_NOTES = {
     "conv4_28": "Conv-4 on the images average-pooled from 84x84 to 28x28, 64-d features",
@@ -158,16 +161,6 @@ def meta(args: argparse.Namespace, head: str, weights: Path, run_dir: Path) -> d
             for r in results}
 
 
-def format_table(table: dict[str, dict[int, dict]], args: argparse.Namespace) -> list[str]:
-    """The plain-text table: one row per method, one column per shot, ``mean +- ci95``."""
-    lines = [f"Demo ({DESCRIPTION}), {args.test_episodes} test episodes, {args.way}-way",
-             (f"{'method':<20}" + "".join(f"{f'{shot}-shot':<18}" for shot in args.shot)).rstrip()]
-    for method, shots in table.items():
-        cells = "".join(f"{shots[shot]['acc']:.4f} +- {shots[shot]['ci95']:.4f}  " for shot in args.shot)
-        lines.append(f"{METHOD_NAMES[method]:<20}{cells.rstrip()}")
-    return lines
-
-
 def footer(args: argparse.Namespace, pre_acc: float, table: dict[str, dict[int, dict]]) -> list[str]:
     """What the table was measured with, below it."""
     fusion, concat = table["fusion"][args.shot[0]], table["concat"][args.shot[0]]
@@ -185,16 +178,6 @@ def footer(args: argparse.Namespace, pre_acc: float, table: dict[str, dict[int, 
            "not independent)"),
         f"all methods are scored on the same {args.test_episodes} test episodes (seed {args.seed})",
     ]
-
-
-def markdown(table: dict[str, dict[int, dict]], args: argparse.Namespace, notes: list[str]) -> str:
-    header = f"# Demo results\n\n{DESCRIPTION}, {args.test_episodes} test episodes, {args.way}-way\n\n"
-    rows = ["| method | " + " | ".join(f"{shot}-shot" for shot in args.shot) + " |",
-            "|---|" + "---|" * len(args.shot)]
-    for method, shots in table.items():
-        rows.append(f"| {METHOD_NAMES[method]} | "
-                    + " | ".join(f"{shots[s]['acc']:.4f} +- {shots[s]['ci95']:.4f}" for s in args.shot) + " |")
-    return header + "\n".join(rows) + "\n\n" + "".join(f"- {note}\n" for note in notes)
 
 
 def check_results(table: dict[str, dict[int, dict]]) -> None:
@@ -250,9 +233,13 @@ def run_demo(args: argparse.Namespace) -> dict:
         "config": vars(args),
     }
     save_json(run_dir / "results.json", results)
+    # exactly this run's files: a reused run folder may still hold result.json files of earlier demo runs
+    _, table_md = report.report([path for paths in results["result_files"].values() for path in paths], run_dir)
+    title = f"Demo ({DESCRIPTION}), {args.test_episodes} test episodes, {args.way}-way"
+    notes_md = "".join(f"- {note}\n" for note in notes)
     with atomic_write(run_dir / "results.md", "w") as f:
-        f.write(markdown(table, args, notes))
-    print("\n" + "\n".join(format_table(table, args) + [""] + notes), flush=True)
+        f.write(f"# Demo results\n\n{title}\n\n{table_md}\n\n{notes_md}")
+    print("\n" + "\n".join([title, "", table_md, ""] + notes), flush=True)
     return results
 
 
