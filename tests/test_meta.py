@@ -13,8 +13,8 @@ from dataloader.datasets import load_features
 from models.heads import HeadConfig, TasNet
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.evaluate import episode_indices
-from trainer.meta import (DATASET_DEFAULTS, MetaConfig, build_parser, cli, gather_episodes, main, outer_lr,
-                          resolve_auto)
+from trainer.meta import cli, gather_episodes, main
+from trainer.meta_config import DATASET_DEFAULTS, MetaConfig, build_parser
 from synthetic_data import DIM, release_meta_params, release_state_dict_keys, write_synthetic
 from utils import InputError
 
@@ -54,26 +54,22 @@ def test_defaults_lie_inside_their_choices_and_match_design(script):
     assert args.model_type == {"run_fusion.py": "res12", "run_concatenation.py": "wrn28"}[script]
 
 
-def test_dataset_defaults_come_from_the_table():
+def test_explicit_flags_override_the_dataset_table():
+    """The table itself is checked against the release in test_release_fidelity.py."""
     parser = build_parser()
-    def resolved(*flags):
-        return resolve_auto(parser.parse_args(list(flags)))
-    assert resolved("--head", "fusion", "--dataset", "cub").metric == "cosine"
-    assert resolved("--head", "fusion", "--dataset", "tiered").metric == "euclidean"
-    concat_tiered = resolved("--head", "concat", "--dataset", "tiered")
-    assert (concat_tiered.metric, concat_tiered.inner_step_size, concat_tiered.inner_gamma) == ("cosine", 50, 0.5)
-    concat_mini = resolved("--head", "concat")
-    assert (concat_mini.metric, concat_mini.inner_step_size, concat_mini.normalize_input) == ("euclidean", 10, "train")
-    assert resolved("--head", "concat", "--metric", "cosine", "--inner_step_size", "7").inner_step_size == 7
+    def flags(*argv):
+        return MetaConfig.from_args(parser.parse_args(list(argv)), shot=1).flags()
+    assert flags("--head", "concat", "--dataset", "tiered")["inner_step_size"] == 50
+    overridden = flags("--head", "concat", "--dataset", "tiered", "--metric", "euclidean", "--inner_step_size", "7",
+                       "--normalize_input", "never")
+    assert (overridden["metric"], overridden["inner_step_size"], overridden["normalize_input"]) == ("euclidean", 7,
+                                                                                                   "never")
     assert set(DATASET_DEFAULTS) >= {("fusion", "*"), ("concat", "*")}
-    config = MetaConfig.from_args(parser.parse_args(["--head", "concat", "--dataset", "cub"]), shot=5)
-    assert config.normalize(training=True) and not config.normalize(training=False)
-    assert (config.inner.step_size, config.inner.gamma, config.head.metric) == (50, 0.5, "cosine")
 
 
 def test_outer_lr_is_stepped_at_each_epoch_start():
-    args = argparse.Namespace(vlr=1e-3, gamma=0.5, step_size=10)
-    assert [outer_lr(e, args) for e in (1, 9, 10, 19, 20)] == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
+    config = MetaConfig.from_args(build_parser().parse_args(["--vlr", "1e-3", "--gamma", "0.5"]), shot=1)
+    assert [config.outer_lr(e) for e in (1, 9, 10, 19, 20)] == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
 
 
 def test_episode_order_labels_and_semantic_targets(data_root):

@@ -279,7 +279,7 @@ def out_of_memory(*args, **kwargs):
 
 
 def test_out_of_memory_names_the_batch_flag(root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(meta, "load_splits", out_of_memory)
+    monkeypatch.setattr(meta, "load_feature_splits", out_of_memory)
     assert fusion(root, tmp_path / "run") == 3
     assert error_line(capsys) == ("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB "
                                   "(GPU 0; 79.1 GiB total)). Lower --episode_batch, or free the GPU (nvidia-smi "

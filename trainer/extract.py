@@ -23,7 +23,8 @@ from torch import nn
 from tqdm import tqdm
 
 from dataloader.batch_augment import eval_transform
-from dataloader.datasets import DATASETS, SPLITS, feature_path, load_images
+from dataloader.datasets import (DATASETS, SPLITS, FeatureSplit, feature_path, load_features, load_images,
+                                 prepare_hint)
 from dataloader.transforms import NORMALIZATION, normalization
 from models import build_backbone
 from trainer.checkpoint import load_weights
@@ -138,6 +139,41 @@ def load_backbone(model_type: str, weights, device: torch.device) -> nn.Module:
     backbone = build_backbone(model_type).to(device)
     load_weights(backbone, path, map_location=device, kind="backbone")
     return backbone
+
+
+def load_feature_splits(args: argparse.Namespace, splits: Sequence[str], device: torch.device) -> dict[str, FeatureSplit]:
+    """The cached feature splits on ``device``, extracted from the backbone checkpoint first when missing.
+
+    Args:
+        args: ``data_root``, ``dataset``, ``model_type``, ``init_weights`` and ``extract_batch_size`` (the meta
+            stage's flags).
+    """
+    missing = [s for s in splits if not feature_path(args.data_root, args.dataset, args.model_type, s).is_file()]
+    if missing:
+        weights = resolve_path(args.init_weights) if args.init_weights else default_weights(args.dataset,
+                                                                                            args.model_type)
+        if not weights.is_file():
+            folder = feature_path(args.data_root, args.dataset, args.model_type, missing[0]).parent
+            images = folder.parent / "few-shot-train.npz"
+            prepare = "" if images.is_file() else (f" First prepare the images ({images} is missing). "
+                                                   f"{prepare_hint(args.dataset, folder.parent)}.")
+            raise InputError(
+                f"{folder}: no cached features for split(s) {', '.join(missing)}, and no backbone checkpoint at "
+                f"{weights} to extract them from.{prepare} Pretrain one with: python run_pre.py --dataset "
+                f"{args.dataset} "
+                f"--model_type {args.model_type} --data_root {args.data_root} (then copy its max_acc.pth to "
+                f"{weights}, or pass it as --init_weights), or extract the features yourself with: python -m "
+                f"trainer.extract --dataset {args.dataset} --model_type {args.model_type} --data_root "
+                f"{args.data_root} --init_weights <backbone checkpoint>.")
+        print(f"extracting {args.model_type} features of {args.dataset} ({', '.join(missing)}) from {weights}")
+        ensure_features(args.data_root, args.dataset, args.model_type, weights, device, args.extract_batch_size)
+    loaded = {s: load_features(args.data_root, args.dataset, args.model_type, s).to(device) for s in splits}
+    dims = {s: (tuple(loaded[s].features.shape[1:]), loaded[s].class_vectors.shape[1]) for s in splits}
+    if len(set(dims.values())) > 1:
+        raise InputError(f"{args.dataset}/{args.model_type}: the splits disagree on the feature or class-vector "
+                         f"size ((feature shape, D) per split: {dims}); re-create them with one backbone and one "
+                         f"word-vector file.")
+    return loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
