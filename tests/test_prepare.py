@@ -60,7 +60,7 @@ def dump_pickle(path: Path, obj) -> None:
 
 
 def resized(array: np.ndarray) -> np.ndarray:
-    """What A2 asks for, written out with PIL directly: centre square crop, bilinear resize to 84."""
+    """The prepared image, written out with PIL directly: centre square crop, bilinear resize to 84."""
     image = Image.fromarray(array).convert("RGB")
     w, h = image.size
     side = min(w, h)

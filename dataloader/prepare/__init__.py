@@ -1,4 +1,4 @@
-"""Turn a raw benchmark download into the files the loaders read (DESIGN A1, A2).
+"""Turn a raw benchmark download into the files the loaders read.
 
     python -m dataloader.prepare mini     --raw DIR --glove glove.840B.300d.txt --out data/mini
     python -m dataloader.prepare tiered   --raw DIR --glove glove.840B.300d.txt --out data/tiered
@@ -28,7 +28,7 @@ Deliberate differences from the original release:
   (N, 84, 84, 3) and the loaders need no dataset-specific branch. The original stored 32x32 and resized in
   the loader (Resize 92 -> CenterCrop 84), so CIFAR-FS pixels reach the network through a different
   interpolation path.
-- tieredImageNet PNGs are decoded with PIL into RGB (A1 stores RGB everywhere).
+- tieredImageNet PNGs are decoded with PIL into RGB (every prepared dataset stores RGB).
 - Pickles are read with an unpickler that rebuilds only NumPy arrays and builtin containers: a downloaded
   pickle cannot run code.
 
