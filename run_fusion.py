@@ -1,4 +1,4 @@
-"""TasNet with the fusion head (DESIGN A5) on cached backbone features: train, then test 600 episodes.
+"""TasNet with the fusion head on cached backbone features: train, then test 600 episodes.
 
     python run_fusion.py                                   # miniImageNet, res12, 1-shot and 5-shot
     python run_fusion.py --shot 1 --setting tran           # transductive
@@ -13,7 +13,7 @@ import sys
 from trainer.meta import build_parser, cli
 
 parser = build_parser(__doc__)
-# The defaults both heads share (DESIGN A5: dataset mini, --shot 1 5, way 5, --gradlr 0.01, 10 epochs x 100
+# The defaults both heads share (dataset mini, --shot 1 5, way 5, --gradlr 0.01, 10 epochs x 100
 # episodes, 15 queries, --vlr 1e-3, StepLR(10, 0.5)) are build_parser()'s; add any flag here to change it.
 parser.set_defaults(
     head="fusion",

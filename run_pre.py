@@ -1,4 +1,4 @@
-"""Pretrain a backbone on all training classes (DESIGN A4), validating with ProtoNet episodes every epoch.
+"""Pretrain a backbone on all training classes, validating with ProtoNet episodes every epoch.
 
     python run_pre.py --dataset mini --model_type res12                       # the original recipe
     torchrun --nproc_per_node 4 run_pre.py --dataset mini --model_type res12  # the same on 4 GPUs

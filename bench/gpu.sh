@@ -5,7 +5,7 @@
 # 95 s, plus 5 s to die), so the whole script ends within ~3.9 minutes even when a step hangs; a step that
 # fails or times out costs only its own figures.
 #
-#   bash bench/gpu.sh                          # on the GPU machine (python3 with torch preinstalled)
+#   bash bench/gpu.sh                          # on a machine with a CUDA GPU (python3 with torch)
 #   DEVICE=cpu QUICK=1 bash bench/gpu.sh       # the same commands on a CPU with tiny sizes (a dry run)
 #   COMPILE=1 bash bench/gpu.sh                # also a torch.compile-d step (pretraining limit 175 s)
 #

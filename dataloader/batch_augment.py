@@ -1,4 +1,4 @@
-"""Batched pretraining transforms on uint8 image tensors, on any device: the fast path of A4's transforms.
+"""Batched pretraining transforms on uint8 image tensors, on any device: a fast twin of the per-image torchvision path.
 
 The plain path runs torchvision per image on PIL images (`torchvision_train_transform`,
 `torchvision_eval_transform`). The batched path draws the same random parameters with the same distributions
@@ -74,7 +74,7 @@ _scratch = _Scratch()
 
 
 def torchvision_train_transform(mean: Sequence[float], std: Sequence[float], out_size: int = 84):
-    """The plain per-image train pipeline of A4 (PIL image in, normalised (3, out_size, out_size) float out)."""
+    """The plain per-image train pipeline (PIL image in, normalised (3, out_size, out_size) float out)."""
     from torchvision import transforms  # imported here: it costs ~2 s at start-up and only this path needs it
 
     return transforms.Compose([
@@ -87,7 +87,7 @@ def torchvision_train_transform(mean: Sequence[float], std: Sequence[float], out
 
 
 def torchvision_eval_transform(mean: Sequence[float], std: Sequence[float], out_size: int = 84, resize: int = 92):
-    """The plain per-image eval pipeline of A4 (PIL image in, normalised (3, out_size, out_size) float out)."""
+    """The plain per-image eval pipeline (PIL image in, normalised (3, out_size, out_size) float out)."""
     from torchvision import transforms
 
     return transforms.Compose([

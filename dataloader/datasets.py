@@ -1,4 +1,4 @@
-"""The prepared npz files of DESIGN A1, loaded and checked.
+"""The prepared npz files, loaded and checked.
 
 ``<data_root>/<dataset>/few-shot-<split>.npz``            images  uint8 (N, 84, 84, 3), targets (N,)
 ``<data_root>/<dataset>/few-shot-wordemb-<split>.npz``    class vectors float (C, D)

@@ -1,7 +1,7 @@
 """The embedded ``demo`` dataset: coloured, patterned shapes named by the words that describe them.
 
 A fresh clone has no benchmark data, so this module draws one (deterministically, without network, in
-seconds) in the same on-disk format as the prepared benchmarks (DESIGN A1)::
+seconds) in the same on-disk format as the prepared benchmarks::
 
     <out>/few-shot-{train,val,test}.npz          features uint8 (N, 84, 84, 3), targets int64 0..C-1
     <out>/few-shot-wordemb-{train,val,test}.npz  features float32 (C, 50), row c = class c's vector

@@ -1,4 +1,4 @@
-"""Input normalisation per backbone (DESIGN A3): the statistics the original backbones were trained with."""
+"""Input normalisation per backbone: the statistics the original backbones were trained with."""
 from __future__ import annotations
 
 # ResNet-12 uses miniImageNet's own pixel statistics; WRN-28-10 the ImageNet ones.

@@ -1,8 +1,15 @@
 """Fixtures shared by the test files.
 
-Real data lives beside the project in ``../shared/data`` (see its README); a fresh clone has none, so every
-fixture that needs it skips the test instead of failing. The prepared datasets are session-scoped: each is
-built once per test run and reused by every test file that asks for it.
+Tests that need real data find it through two environment variables; a fresh clone has neither folder, so
+every test that needs one skips instead of failing:
+
+- ``TASNET_DATA``: the raw benchmark cuts (``mini-imagenet/``, ``cub/``, ``cifar-fs/``, ``tiered-imagenet/``)
+  and ``glove/``; default ``../shared/data`` relative to the repository.
+- ``TASNET_REFERENCE``: outputs of the original release to compare with (state-dict listings, seeded forward
+  passes); default ``../shared/reference`` relative to the repository.
+
+A relative value of either variable is taken relative to the working directory. The prepared datasets are
+session-scoped: each is built once per test run and reused by every test file that asks for it.
 """
 from __future__ import annotations
 
@@ -12,16 +19,22 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-# The release's reference outputs (backbone state-dict keys and seeded outputs, meta-head episodes)
-REFERENCE_DIR = Path(os.environ.get("TASNET_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
 
 
-def _shared(*parts: str) -> Path:
-    """``../shared/data/<parts>``, or skip the test when it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
+def _env_dir(variable: str, default: Path) -> Path:
+    value = os.environ.get(variable)
+    return Path(value).expanduser().resolve() if value else default
+
+
+DATA_DIR = _env_dir("TASNET_DATA", REPO_ROOT.parent / "shared" / "data")
+REFERENCE_DIR = _env_dir("TASNET_REFERENCE", REPO_ROOT.parent / "shared" / "reference")
+
+
+def _real(*parts: str) -> Path:
+    """``$TASNET_DATA/<parts>``, or skip the test when it is absent."""
+    path = DATA_DIR.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not found: this test needs the real data in ../shared/data")
+        pytest.skip(f"{path} not found: this test needs the real data (set TASNET_DATA)")
     return path
 
 
@@ -35,30 +48,30 @@ def _prepare(tmp_path_factory: pytest.TempPathFactory, dataset: str, *args: str)
 
 
 @pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real-data folder ``$TASNET_DATA`` (skips when absent)."""
+    return _real()
+
+
+@pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """The folder of the release's reference outputs ($TASNET_REFERENCE; skips when absent)."""
+    """The folder of the original release's reference outputs, ``$TASNET_REFERENCE`` (skips when absent)."""
     if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"{REFERENCE_DIR} not found: set TASNET_REFERENCE to the release's reference outputs")
+        pytest.skip(f"{REFERENCE_DIR} not found: this test needs the reference outputs (set TASNET_REFERENCE)")
     return REFERENCE_DIR
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real-data folder ``../shared/data`` (skips when absent)."""
-    return _shared()
-
-
-@pytest.fixture(scope="session")
 def prepared_mini(tmp_path_factory) -> Path:
-    """Data root holding ``mini/``: the shared miniImageNet cut (7680/1920/2400 images), 50-d GloVe 6B."""
-    return _prepare(tmp_path_factory, "mini", "--raw", str(_shared("mini-imagenet")),
-                    "--glove", str(_shared("glove", "glove.6B.50d.subset.txt")))
+    """Data root holding ``mini/``: the miniImageNet cut of ``$TASNET_DATA`` (7680/1920/2400 images), 50-d GloVe 6B."""
+    return _prepare(tmp_path_factory, "mini", "--raw", str(_real("mini-imagenet")),
+                    "--glove", str(_real("glove", "glove.6B.50d.subset.txt")))
 
 
 @pytest.fixture(scope="session")
 def prepared_cub(tmp_path_factory) -> Path:
-    """Data root holding ``cub/``: the shared CUB cut (100 of 200 classes, 20 images each), 312-d attributes."""
-    return _prepare(tmp_path_factory, "cub", "--raw", str(_shared("cub", "CUB_200_2011")))
+    """Data root holding ``cub/``: the CUB cut of ``$TASNET_DATA`` (100 of 200 classes, 20 images each), 312-d attributes."""
+    return _prepare(tmp_path_factory, "cub", "--raw", str(_real("cub", "CUB_200_2011")))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ DIM = 12  # class-vector size of the synthetic features
 def write_synthetic(root: Path, dataset: str = "mini", model_type: str = "res12", dim: int = DIM,
                     classes=(12, 6, 8), per_class: int = 25, noise: float = 1.0, seed: int = 0) -> Path:
     """Features around one random mean per class (ReLU'd like a backbone's), class vectors a noisy linear
-    image of the class means, in the A1 layout under ``root``."""
+    image of the class means, in the prepared layout under ``root``."""
     rng = np.random.default_rng(seed)
     projection = rng.normal(size=(dim, 640)) / np.sqrt(640)
     for split, count in zip(("train", "val", "test"), classes):

@@ -10,14 +10,13 @@ import torch
 
 from models import build_backbone
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 NAMES = ["res12", "wrn28"]
 
 
-def reference_entries(name: str) -> list[tuple[str, tuple[int, ...], str]]:
-    path = REFERENCE / f"{name}_state_dict.txt"
+def reference_entries(reference_dir: Path, name: str) -> list[tuple[str, tuple[int, ...], str]]:
+    path = reference_dir / f"{name}_state_dict.txt"
     if not path.is_file():
-        pytest.skip(f"{path} is absent (../shared is not beside this clone)")
+        pytest.skip(f"{path} is absent (TASNET_REFERENCE holds no listing for {name})")
     entries = []
     for line in path.read_text().splitlines():
         if line.startswith("#") or not line.strip():
@@ -28,7 +27,7 @@ def reference_entries(name: str) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def fill_reference_weights(model: torch.nn.Module) -> None:
-    """Fill every entry exactly as ../shared/reference/README.md prescribes."""
+    """Fill every entry exactly as the README of the reference folder (``$TASNET_REFERENCE``) prescribes."""
     filled = {}
     for i, (key, value) in enumerate(model.state_dict().items()):
         g = torch.Generator().manual_seed(i)
@@ -47,16 +46,16 @@ def fill_reference_weights(model: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_state_dict_matches_the_original(name):
-    expected = reference_entries(name)
+def test_state_dict_matches_the_original(reference_dir, name):
+    expected = reference_entries(reference_dir, name)
     ours = [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in build_backbone(name).state_dict().items()]
     assert ours == expected
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_seeded_forward_reproduces_the_original(name):
-    reference_entries(name)
-    ref = np.load(REFERENCE / f"{name}_forward.npz")
+def test_seeded_forward_reproduces_the_original(reference_dir, name):
+    reference_entries(reference_dir, name)
+    ref = np.load(reference_dir / f"{name}_forward.npz")
     model = build_backbone(name).eval()
     fill_reference_weights(model)
     with torch.no_grad():

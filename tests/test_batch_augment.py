@@ -1,8 +1,6 @@
 """The batched augmentation equals torchvision's arithmetic and draws its parameters from the same distributions."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,11 +10,12 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision import transforms
 
+from conftest import DATA_DIR
 from dataloader.batch_augment import (_resample_taps, _resample_weights, _resized_crop, color_jitter, eval_transform,
                                       resized_crop, sample_crop_boxes, torchvision_eval_transform,
                                       torchvision_train_transform, train_augment)
 
-MINI_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini-imagenet" / "images"
+MINI_IMAGES = DATA_DIR / "mini-imagenet" / "images"
 MEAN = (120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255)  # ResNet-12's
 STD = (70.68188272 / 255, 68.27635443 / 255, 72.54505529 / 255)
 STD_T = torch.tensor(STD).view(1, 3, 1, 1)
@@ -125,7 +124,7 @@ def test_eval_transform_equals_torchvision_tensor_path(height, width):
 def test_eval_transform_matches_torchvision_pil_path(source):
     images = smooth_images(32) if source == "smooth" else real_images(32)
     if images is None:
-        pytest.skip(f"{MINI_IMAGES} is absent (../shared is not beside this clone)")
+        pytest.skip(f"{MINI_IMAGES} is absent (set TASNET_DATA)")
     plain = torchvision_eval_transform(MEAN, STD)
     ref = torch.stack([plain(image) for image in to_pil(images)])
     # in grey levels of the [0, 1] image: PIL rounds to uint8 after each resize pass, we stay in float

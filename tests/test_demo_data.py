@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import DATA_DIR
 from dataloader import demo
 
 SPLITS = ("train", "val", "test")
 SMALL = 16  # one shot plus 15 queries per class
-SHARED_GLOVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glove" / "glove.6B.50d.subset.txt"
+REAL_GLOVE = DATA_DIR / "glove" / "glove.6B.50d.subset.txt"
 
 
 def _read_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -79,10 +80,10 @@ def test_glove_asset_is_verbatim_glove():
     words = [line.split(" ")[0] for line in lines]
     assert sorted(words) == sorted(set(demo.COLOURS) | set(demo.PATTERNS) | set(demo.SHAPES))
     assert all(len(line.split(" ")) == 51 for line in lines)
-    if not SHARED_GLOVE.is_file():
-        pytest.skip(f"{SHARED_GLOVE} not found: cannot compare with the original GloVe file")
+    if not REAL_GLOVE.is_file():
+        pytest.skip(f"{REAL_GLOVE} not found: cannot compare with the original GloVe file")
     wanted = set(words)
-    original = [line for line in SHARED_GLOVE.read_text(encoding="utf-8").splitlines()
+    original = [line for line in REAL_GLOVE.read_text(encoding="utf-8").splitlines()
                 if line.split(" ", 1)[0] in wanted]
     assert lines == original
 

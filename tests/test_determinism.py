@@ -1,6 +1,6 @@
 """One ``--seed`` fixes everything on a CPU: initialisation, data order and augmentation, training episodes,
 validation and test episodes, transductive k-means; ``--deterministic`` turns on torch's deterministic
-algorithms (for CUDA). What stays non-deterministic on CUDA is listed in the README (Troubleshooting).
+algorithms (for CUDA). What stays non-deterministic on CUDA is listed in docs/troubleshooting.md (Determinism).
 """
 from __future__ import annotations
 

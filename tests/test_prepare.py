@@ -60,7 +60,7 @@ def dump_pickle(path: Path, obj) -> None:
 
 
 def resized(array: np.ndarray) -> np.ndarray:
-    """What A2 asks for, written out with PIL directly: centre square crop, bilinear resize to 84."""
+    """The prepared image, written out with PIL directly: centre square crop, bilinear resize to 84."""
     image = Image.fromarray(array).convert("RGB")
     w, h = image.size
     side = min(w, h)
@@ -88,16 +88,16 @@ def read_mini_csv(raw: Path, split: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_mini_layout_and_class_order(prepared_mini, shared_data, split):
+def test_mini_layout_and_class_order(prepared_mini, data_dir, split):
     num_images, num_classes = MINI_COUNTS[split]
     _, targets, _, classes = check_layout(prepared_mini / "mini", split, num_images, num_classes, 50)
     assert (np.bincount(targets) == 120).all()
-    wnids = sorted({wnid for _, wnid in read_mini_csv(shared_data / "mini-imagenet", split)})
+    wnids = sorted({wnid for _, wnid in read_mini_csv(data_dir / "mini-imagenet", split)})
     assert [class_id for class_id, _ in classes] == wnids
 
 
-def test_mini_class_vectors_are_glove_means(prepared_mini, shared_data):
-    glove = read_glove(shared_data / "glove" / "glove.6B.50d.subset.txt")
+def test_mini_class_vectors_are_glove_means(prepared_mini, data_dir):
+    glove = read_glove(data_dir / "glove" / "glove.6B.50d.subset.txt")
     zero_classes = 0
     for split in SPLITS:
         _, _, vectors, classes = load_split(prepared_mini / "mini", split, with_images=False)
@@ -111,8 +111,8 @@ def test_mini_class_vectors_are_glove_means(prepared_mini, shared_data):
     assert zero_classes == 1  # komondor: the one miniImageNet name GloVe 6B lacks
 
 
-def test_mini_images_match_the_source_jpegs(prepared_mini, shared_data):
-    raw = shared_data / "mini-imagenet"
+def test_mini_images_match_the_source_jpegs(prepared_mini, data_dir):
+    raw = data_dir / "mini-imagenet"
     for split in ("train", "test"):
         rows = read_mini_csv(raw, split)
         images, targets, _, classes = load_split(prepared_mini / "mini", split)
@@ -128,8 +128,8 @@ def test_mini_images_match_the_source_jpegs(prepared_mini, shared_data):
 # --------------------------------------------------------------------------------------------- CUB (real)
 
 
-def test_cub_attributes_and_split_by_official_id(prepared_cub, shared_data):
-    raw = shared_data / "cub" / "CUB_200_2011"
+def test_cub_attributes_and_split_by_official_id(prepared_cub, data_dir):
+    raw = data_dir / "cub" / "CUB_200_2011"
     attributes = np.loadtxt(raw / "attributes" / "class_attribute_labels_continuous.txt")
     present = sorted(int(p.name[:3]) for p in (raw / "images").iterdir() if p.is_dir())
     rule = {"train": lambda i: i % 2 == 0, "val": lambda i: i % 4 == 1, "test": lambda i: i % 4 == 3}
@@ -180,7 +180,7 @@ def test_cub_attribute_table_of_wrong_shape_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------- tieredImageNet (release format)
 
-# Classes of each split by wnid, listed in release-label order; the names come from the shared words.txt.
+# Classes of each split by wnid, listed in release-label order; the names come from the real data's words.txt.
 TIERED_CLASSES = {
     "train": ["n02013706", "n01530575", "n02091635"],  # limpkin, brambling (no GloVe word), otterhound
     "val": ["n03016953", "n02099267"],  # chiffonier (no GloVe word), flat-coated retriever
@@ -188,13 +188,13 @@ TIERED_CLASSES = {
 }
 
 
-def make_tiny_tiered(raw: Path, shared: Path) -> dict:
+def make_tiny_tiered(raw: Path, data: Path) -> dict:
     """``<split>_images_png.pkl`` + ``<split>_labels.pkl`` with 3 random images per class; returns the images."""
-    words = dict(line.split("\t") for line in (shared / "tiered-imagenet" / "words.txt").read_text().splitlines())
+    words = dict(line.split("\t") for line in (data / "tiered-imagenet" / "words.txt").read_text().splitlines())
     rng = np.random.RandomState(1)
     images = {}
     for split, wnids in TIERED_CLASSES.items():
-        listed = {line.split(",")[0] for line in (shared / "tiered-imagenet" / f"{split}.csv").read_text().split()}
+        listed = {line.split(",")[0] for line in (data / "tiered-imagenet" / f"{split}.csv").read_text().split()}
         assert set(wnids) <= listed
         labels = rng.permutation(np.repeat(np.arange(len(wnids)), 3))
         images[split] = [rng.randint(0, 256, (84, 84, 3), dtype=np.uint8) for _ in labels]
@@ -206,9 +206,9 @@ def make_tiny_tiered(raw: Path, shared: Path) -> dict:
     return images
 
 
-def test_tiered_release_format(tmp_path, shared_data):
-    sources = make_tiny_tiered(tmp_path / "raw", shared_data)
-    glove_path = shared_data / "glove" / "glove.6B.50d.subset.txt"
+def test_tiered_release_format(tmp_path, data_dir):
+    sources = make_tiny_tiered(tmp_path / "raw", data_dir)
+    glove_path = data_dir / "glove" / "glove.6B.50d.subset.txt"
     assert main(["tiered", "--raw", str(tmp_path / "raw"), "--glove", str(glove_path),
                  "--out", str(tmp_path / "tiered")]) == 0
     glove = read_glove(glove_path)
@@ -264,13 +264,13 @@ def test_channel_order_bgr_is_refused_for_other_datasets(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------- CIFAR-FS
 
 
-def cifar_split_classes(shared: Path) -> dict[str, list[str]]:
-    return {split: [c for _, c in json.loads((shared / "cifar-fs" / f"{split}.json").read_text())]
+def cifar_split_classes(data: Path) -> dict[str, list[str]]:
+    return {split: [c for _, c in json.loads((data / "cifar-fs" / f"{split}.json").read_text())]
             for split in SPLITS}
 
 
-def test_builtin_cifar100_names_are_the_fine_labels_in_id_order(shared_data):
-    names = [c for classes in cifar_split_classes(shared_data).values() for c in classes]
+def test_builtin_cifar100_names_are_the_fine_labels_in_id_order(data_dir):
+    names = [c for classes in cifar_split_classes(data_dir).values() for c in classes]
     assert len(CIFAR100_FINE_NAMES) == 100 and set(CIFAR100_FINE_NAMES) == set(names)
     assert list(CIFAR100_FINE_NAMES) == sorted(CIFAR100_FINE_NAMES)  # CIFAR-100 ids are alphabetical
 
@@ -302,9 +302,9 @@ def check_cifar_output(folder: Path, split_classes, raw_ids, raw_images, glove):
                 np.testing.assert_allclose(row, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_cifar_fs_pickles(tmp_path, shared_data):
-    split_classes = cifar_split_classes(shared_data)
-    glove_path = glove_without(shared_data / "glove" / "glove.6B.50d.subset.txt", tmp_path / "g.txt", {"dolphin"})
+def test_cifar_fs_pickles(tmp_path, data_dir):
+    split_classes = cifar_split_classes(data_dir)
+    glove_path = glove_without(data_dir / "glove" / "glove.6B.50d.subset.txt", tmp_path / "g.txt", {"dolphin"})
     rng = np.random.RandomState(2)
     all_ids, all_images = [], []
     for split, classes in split_classes.items():
@@ -319,8 +319,8 @@ def test_cifar_fs_pickles(tmp_path, shared_data):
                        np.concatenate(all_images), read_glove(glove_path))
 
 
-def test_cifar_fs_from_cifar100_python(tmp_path, shared_data):
-    glove_path = glove_without(shared_data / "glove" / "glove.6B.50d.subset.txt", tmp_path / "g.txt", {"dolphin"})
+def test_cifar_fs_from_cifar100_python(tmp_path, data_dir):
+    glove_path = glove_without(data_dir / "glove" / "glove.6B.50d.subset.txt", tmp_path / "g.txt", {"dolphin"})
     folder = tmp_path / "raw" / "cifar-100-python"
     dump_pickle(folder / "meta", {"fine_label_names": list(CIFAR100_FINE_NAMES), "coarse_label_names": []})
     rng = np.random.RandomState(3)
@@ -331,9 +331,9 @@ def test_cifar_fs_from_cifar100_python(tmp_path, shared_data):
         dump_pickle(folder / part, {"data": rows, "fine_labels": ids.tolist(), "coarse_labels": [0] * len(ids)})
         parts[part] = (ids, rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     assert main(["cifar_fs", "--raw", str(tmp_path / "raw"), "--glove", str(glove_path),
-                 "--split_dir", str(shared_data / "cifar-fs"), "--out", str(tmp_path / "cifar_fs")]) == 0
+                 "--split_dir", str(data_dir / "cifar-fs"), "--out", str(tmp_path / "cifar_fs")]) == 0
     # A split's raw order: the CIFAR-100 train images of its classes, then its test images.
-    check_cifar_output(tmp_path / "cifar_fs", cifar_split_classes(shared_data),
+    check_cifar_output(tmp_path / "cifar_fs", cifar_split_classes(data_dir),
                        np.concatenate([parts["train"][0], parts["test"][0]]),
                        np.concatenate([parts["train"][1], parts["test"][1]]), read_glove(glove_path))
     _, targets, _, _ = load_split(tmp_path / "cifar_fs", "val", with_images=False)

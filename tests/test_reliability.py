@@ -1,10 +1,10 @@
-"""The catalogue of bad inputs (README, Troubleshooting), end to end through the entry points: each case exits
+"""The catalogue of bad inputs (docs/troubleshooting.md), end to end through the entry points: each case exits
 with code 2 and one ``error: ...`` line that names the file or flag and says how to fix it, before any training.
 Then the resources: the out-of-memory advice (exit 3) and memory that stays flat over 2,000 episodes.
 
-Cases already covered closer to their code are listed in the README (Troubleshooting) with their tests
-(test_datasets, test_checkpoint, test_extract, test_glove, test_prepare, test_sampler, test_pre, test_meta);
-this file adds the end-to-end view and the cases that had no test.
+Cases already covered closer to their code are tested there (test_datasets, test_checkpoint, test_extract,
+test_glove, test_prepare, test_sampler, test_pre, test_meta); this file adds the end-to-end view and the cases
+that have no test of their own.
 """
 from __future__ import annotations
 

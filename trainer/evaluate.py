@@ -2,8 +2,8 @@
 (``run_proto.py``) and the meta stage.
 
 An episode follows the contract of :mod:`dataloader.sampler` (shot-major, labels ``arange(way).repeat(n)``).
-Prototypes are the mean support feature of each class; logits are negative squared Euclidean distances
-(DESIGN A4). Two paths draw the *same* episodes from a fixed-seed generator:
+Prototypes are the mean support feature of each class; logits are negative squared Euclidean distances.
+Two paths draw the *same* episodes from a fixed-seed generator:
 
 * :func:`evaluate_protonet` (fast): the features of the whole split are computed once, episodes index them.
 * :func:`evaluate_protonet_per_episode` (plain, the original's): every episode's images go through the

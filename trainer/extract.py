@@ -1,6 +1,6 @@
 """Backbone feature extraction: ``data/<dataset>/<model_type>/feat-<split>.npz`` from a backbone checkpoint.
 
-The meta stage trains on these cached 640-d features (DESIGN A1). They are computed in eval mode from the
+The meta stage trains on these cached 640-d features. They are computed in eval mode from the
 eval transform (Resize 92, CenterCrop 84, Normalize), in batches; the rows keep the order of
 ``few-shot-<split>.npz``. The checkpoint must fit the backbone exactly (:func:`trainer.checkpoint.load_weights`
 refuses anything else), so features are never extracted from random weights.

@@ -1,4 +1,4 @@
-"""Turn a raw benchmark download into the files the loaders read (DESIGN A1, A2).
+"""Turn a raw benchmark download into the files the loaders read.
 
     python -m dataloader.prepare mini     --raw DIR --glove glove.840B.300d.txt --out data/mini
     python -m dataloader.prepare tiered   --raw DIR --glove glove.840B.300d.txt --out data/tiered

@@ -152,7 +152,7 @@ def write_split(out_dir: str | Path, split: str, images: np.ndarray, targets: np
 
 def _check_split(split: str, images: np.ndarray, targets: np.ndarray, vectors: np.ndarray,
                  num_classes: int) -> np.ndarray:
-    """Raise ValueError unless the arrays fit A1; return the (C,) number of images per label."""
+    """Raise ValueError unless the arrays fit the prepared format; return the (C,) number of images per label."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise ValueError(f"{split}: images must be uint8 (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), got "
                          f"{images.dtype} {images.shape}")
