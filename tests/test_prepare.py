@@ -237,11 +237,11 @@ def test_tiered_release_format(tmp_path, data_dir):
     assert len(uniform_rows) == 3 and len({row.tobytes() for row in uniform_rows}) == 3
 
 
-def test_tiered_bgr_is_rgb_with_the_channel_axis_reversed(tmp_path, shared_data):
+def test_tiered_bgr_is_rgb_with_the_channel_axis_reversed(tmp_path, data_dir):
     """``--channel_order bgr`` stores what the original's cv2.imdecode gave; the default stays RGB."""
-    sources = make_tiny_tiered(tmp_path / "raw", shared_data)
+    sources = make_tiny_tiered(tmp_path / "raw", data_dir)
     common = ["tiered", "--raw", str(tmp_path / "raw"),
-              "--glove", str(shared_data / "glove" / "glove.6B.50d.subset.txt")]
+              "--glove", str(data_dir / "glove" / "glove.6B.50d.subset.txt")]
     assert main([*common, "--out", str(tmp_path / "default")]) == 0
     assert main([*common, "--out", str(tmp_path / "bgr"), "--channel_order", "bgr"]) == 0
     for split in SPLITS:
