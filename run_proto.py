@@ -3,6 +3,12 @@ distance, 600 test episodes with a 95% confidence interval. Read every TasNet re
 
     python run_proto.py --dataset mini --model_type res12                   # cached features (made if missing)
     python run_proto.py --init_weights runs/<pre run>/max_acc.pth --features fresh
+
+With ``--finetune``, the release's ProtoNet phase instead: episodic fine-tuning of the pretrained backbone
+(trainer/proto_finetune.py), then the same 600 test episodes from its best-validation backbone.
+
+    python run_proto.py --finetune --dataset mini --model_type res12 --run_dir runs/proto_ft_mini
+    python run_proto.py --finetune --dataset mini --model_type res12 --run_dir runs/proto_ft_mini --resume
 """
 import argparse
 
@@ -17,31 +23,67 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", default="mini", choices=DATASETS, help="prepared dataset under --data_root")
     add("--model_type", default="res12", choices=sorted(BACKBONES), help="backbone")
     add("--data_root", default="data", help="folder holding <dataset>/ (relative to the repo)")
-    add("--init_weights", default=None, help="backbone checkpoint (default checkpoints/<dataset>/<model_type>.pth)")
+    add("--init_weights", default=None,
+        help="backbone checkpoint to evaluate, or to start from with --finetune (default "
+             "checkpoints/<dataset>/<model_type>.pth)")
     add("--features", default="cache", choices=["cache", "fresh"],
         help="cache: data/<dataset>/<model_type>/feat-<split>.npz, extracted from --init_weights when missing; "
-             "fresh: extract the split from --init_weights in memory, leaving the cache alone")
+             "fresh: extract the split from --init_weights in memory, leaving the cache alone (unused by "
+             "--finetune, which always computes its features)")
     add("--split", default="test", choices=SPLITS, help="split to evaluate")
     add("--way", type=int, default=5, help="classes per episode")
-    add("--shot", type=int, nargs="+", default=[1, 5], help="support images per class (one result each)")
-    add("--query", type=int, default=15, help="query images per class")
+    add("--shot", type=int, nargs="+", default=[1, 5],
+        help="support images per class (one result each; with --finetune one run each, in shot<K>/ when several)")
+    add("--query", type=int, default=15, help="query images per class of the test episodes")
     add("--episodes", type=int, default=600, help="test episodes")
-    add("--seed", type=int, default=1, help="seed of the (fixed) test episodes")
+    add("--seed", type=int, default=1,
+        help="seed of the (fixed) test episodes; with --finetune also of the training and validation episodes")
     add("--batch_size", type=int, default=256, help="images per forward pass when extracting features")
     add_device_flags(parser)
-    add("--run_dir", default=None, help="run folder for result.json (default runs/proto_<dataset>_<model>-<time>)")
+    add("--run_dir", default=None,
+        help="run folder (default runs/proto_<dataset>_<model>-<time>; with --finetune "
+             "runs/proto_finetune_<dataset>_<model>-<time>)")
+    # the release's ProtoNet phase: episodic fine-tuning of the backbone (its run script's values)
+    tune = parser.add_argument_group("episodic fine-tuning (--finetune)")
+    tune.add_argument("--finetune", action="store_true",
+                      help="fine-tune the backbone on ProtoNet episodes before testing (the release's ProtoNet "
+                           "phase); without it the backbone is evaluated as it is")
+    tune.add_argument("--vlr", type=float, default=1e-3, help="Adam learning rate of the backbone (no weight decay)")
+    tune.add_argument("--step_size", type=int, default=10, help="StepLR period in epochs (stepped at each epoch start)")
+    tune.add_argument("--gamma", type=float, default=0.5, help="StepLR factor")
+    tune.add_argument("--max_epoch", type=int, default=100, help="training epochs")
+    tune.add_argument("--num_batch", type=int, default=100, help="training episodes per epoch")
+    tune.add_argument("--train_query", type=int, default=15, help="query images per class of a training episode")
+    tune.add_argument("--val_query", type=int, default=15, help="query images per class of a validation episode")
+    tune.add_argument("--val_episodes", type=int, default=100,
+                      help="validation episodes after every epoch (fixed, drawn from --seed)")
+    tune.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on for CUDA)")
+    tune.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
+                      help="channels_last memory format (auto: on for CUDA)")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue an interrupted fine-tuning from the last.pth in --run_dir (shot<K>/last.pth "
+                           "with several shots); the same flags as the interrupted run")
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume and not args.finetune:
+        parser.error("--resume continues a --finetune run; the baseline has nothing to resume")
+    return args
 
 
 def main(argv=None) -> None:
     """Parse the flags and run; bad input exits with ``error: ...`` and code 2 (no traceback)."""
-    from trainer.evaluate import proto_baseline
     from utils.cli import run_cli
-    run_cli(proto_baseline, parse_args(argv), batch_flag="--batch_size")
+    args = parse_args(argv)
+    if args.finetune:
+        from trainer.proto_finetune import main as finetune
+        run_cli(finetune, args, batch_flag="--train_query (training episodes) or --batch_size (evaluation)")
+    else:
+        from trainer.evaluate import proto_baseline
+        run_cli(proto_baseline, args, batch_flag="--batch_size")
 
 
 if __name__ == "__main__":
