@@ -1,5 +1,5 @@
-"""The TasNet heads (DESIGN A5): semantic regressor, visual projection, fusion and concatenation, metrics,
-and the transductive prototype refinement.
+"""The TasNet heads: semantic regressor, visual projection, fusion and concatenation, metrics, and the
+transductive prototype refinement (docs/release.md, "Meta stage").
 
 Every function takes optional leading batch dimensions, so one call scores one episode or B episodes:
 support features (..., way*shot, F) in shot-major order, queries (..., Q, F), semantic prototypes

@@ -21,7 +21,7 @@ from utils.cli import add_device_flags
 NORMALIZE_INPUT = ("never", "train", "always")
 SETTINGS = ("in", "tran")
 
-# What the original decided inside its models from the dataset name (DESIGN A5), as one table. Keys are
+# What the original decided inside its models from the dataset name (docs/release.md), as one table. Keys are
 # (head, dataset); "*" is every other dataset. Flags left at "auto" take their value from here.
 DATASET_DEFAULTS = {
     ("fusion", "cub"): dict(metric="cosine", inner_step_size=10, inner_gamma=0.2, normalize_input="never"),
