@@ -11,8 +11,9 @@ results.json with the table. Edit the defaults below to change the demo for good
 import argparse
 
 from dataloader.demo import DEFAULT_IMAGES_PER_CLASS
-from models import BACKBONES, INNER_STATES
-from trainer.meta import build_parser as meta_parser
+from models import INNER_STATES
+from trainer.flags import add_data_flags, add_episode_flags, add_run_flags
+from trainer.meta_config import build_parser as meta_parser
 from utils.cli import add_device_flags
 
 
@@ -20,21 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     # data
-    add("--data_root", default="data", help="the demo data go to <data_root>/demo (relative to the repository)")
     add("--images_per_class", type=int, default=DEFAULT_IMAGES_PER_CLASS, help="images drawn per class")
     add("--data_seed", type=int, default=0, help="seed of the demo images (the classes are fixed)")
     # pretraining: run_pre.py's recipe, shortened
-    add("--model_type", default="conv4_28", choices=sorted(BACKBONES),
-        help="backbone; conv4_28 (Conv-4 on the images average-pooled to 28x28, 64-d) trains at 120-220 images/s "
-             "on 2 busy CPU cores, conv4_42 at 40-110, ResNet-12 (84x84) at 1-5")
+    add_data_flags(parser, model_type="conv4_28", dataset=False,
+                   model_help="backbone; conv4_28 (Conv-4 on the images average-pooled to 28x28, 64-d) trains at "
+                              "120-220 images/s on 2 busy CPU cores, ResNet-12 (84x84) at 1-5",
+                   data_root_help="the demo data go to <data_root>/demo")
     add("--pre_epochs", type=int, default=4, help="pretraining epochs (the benchmarks' recipe: 110)")
     add("--pre_lr", type=float, default=0.1, help="pretraining learning rate (SGD, Nesterov)")
     add("--pre_step_size", type=int, default=30,
         help="pretraining StepLR period in epochs (factor 0.2); 30, as run_pre.py: no decay in a short run")
     add("--pre_val_episodes", type=int, default=200, help="ProtoNet validation episodes after every epoch")
     # episodes
-    add("--way", type=int, default=5, help="classes per episode")
-    add("--shot", type=int, nargs="+", default=[1, 5], help="support images per class; one column each")
+    add_episode_flags(parser, shot_help="support images per class; one column each")
     add("--query", type=int, default=15, help="query images per class (training, validation and test)")
     add("--test_episodes", type=int, default=600, help="test episodes, the same for every method")
     # meta stage
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the semantic regressor per episode: reset (independent episodes; the meta stage's default) or "
              "carry (the original release); printed under the table")
     # run
-    add("--seed", type=int, default=1, help="seeds pretraining, meta-training and the fixed test episodes")
     add_device_flags(parser, threads=1)  # one thread: the fastest on the shared 2-core machines the demo targets
-    add("--run_dir", default=None, help="run folder (default runs/demo-<time>)")
+    add_run_flags(parser, run_dir="runs/demo-<time>", seed=1, deterministic=False,
+                  seed_help="seeds pretraining, meta-training and the fixed test episodes")
     add("--quick", action="store_true",
         help="shrink every stage for CI (see QUICK in trainer/demo.py: 20 images per class, 1 pretraining "
              "epoch, 1 x 20 meta episodes, 100 test episodes); the data go to <data_root>/quick/demo")

@@ -12,54 +12,39 @@ With ``--finetune``, the release's ProtoNet phase instead: episodic fine-tuning 
 """
 import argparse
 
-from dataloader.datasets import DATASETS, SPLITS
-from models import BACKBONES
+from dataloader.datasets import SPLITS
+from trainer.flags import (add_data_flags, add_episode_flags, add_episodic_training_flags, add_init_weights_flag,
+                           add_run_flags, add_speed_flags)
 from utils.cli import add_device_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--dataset", default="mini", choices=DATASETS, help="prepared dataset under --data_root")
-    add("--model_type", default="res12", choices=sorted(BACKBONES), help="backbone")
-    add("--data_root", default="data", help="folder holding <dataset>/ (relative to the repo)")
-    add("--init_weights", default=None,
-        help="backbone checkpoint to evaluate, or to start from with --finetune (default "
-             "checkpoints/<dataset>/<model_type>.pth)")
+    add_data_flags(parser)
+    add_init_weights_flag(parser, "to evaluate, or to start from with --finetune")
     add("--features", default="cache", choices=["cache", "fresh"],
         help="cache: data/<dataset>/<model_type>/feat-<split>.npz, extracted from --init_weights when missing; "
              "fresh: extract the split from --init_weights in memory, leaving the cache alone (unused by "
              "--finetune, which always computes its features)")
     add("--split", default="test", choices=SPLITS, help="split to evaluate")
-    add("--way", type=int, default=5, help="classes per episode")
-    add("--shot", type=int, nargs="+", default=[1, 5],
-        help="support images per class (one result each; with --finetune one run each, in shot<K>/ when several)")
+    add_episode_flags(parser, shot_help="support images per class (one result each; with --finetune one run each, "
+                                        "in shot<K>/ when several)")
     add("--query", type=int, default=15, help="query images per class of the test episodes")
     add("--episodes", type=int, default=600, help="test episodes")
-    add("--seed", type=int, default=1,
-        help="seed of the (fixed) test episodes; with --finetune also of the training and validation episodes")
     add("--batch_size", type=int, default=256, help="images per forward pass when extracting features")
     add_device_flags(parser)
-    add("--run_dir", default=None,
-        help="run folder (default runs/proto_<dataset>_<model>-<time>; with --finetune "
-             "runs/proto_finetune_<dataset>_<model>-<time>)")
+    add_run_flags(parser, run_dir="runs/proto_<dataset>_<model>-<time>; with --finetune "
+                                  "runs/proto_finetune_<dataset>_<model>-<time>",
+                  seed=1, seed_help="seed of the (fixed) test episodes; with --finetune also of the training and "
+                                    "validation episodes", deterministic=False)
     # the release's ProtoNet phase: episodic fine-tuning of the backbone (its run script's values)
     tune = parser.add_argument_group("episodic fine-tuning (--finetune)")
     tune.add_argument("--finetune", action="store_true",
                       help="fine-tune the backbone on ProtoNet episodes before testing (the release's ProtoNet "
                            "phase); without it the backbone is evaluated as it is")
-    tune.add_argument("--vlr", type=float, default=1e-3, help="Adam learning rate of the backbone (no weight decay)")
-    tune.add_argument("--step_size", type=int, default=10, help="StepLR period in epochs (stepped at each epoch start)")
-    tune.add_argument("--gamma", type=float, default=0.5, help="StepLR factor")
-    tune.add_argument("--max_epoch", type=int, default=100, help="training epochs")
-    tune.add_argument("--num_batch", type=int, default=100, help="training episodes per epoch")
-    tune.add_argument("--train_query", type=int, default=15, help="query images per class of a training episode")
-    tune.add_argument("--val_query", type=int, default=15, help="query images per class of a validation episode")
-    tune.add_argument("--val_episodes", type=int, default=100,
-                      help="validation episodes after every epoch (fixed, drawn from --seed)")
-    tune.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on for CUDA)")
-    tune.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
-                      help="channels_last memory format (auto: on for CUDA)")
+    add_episodic_training_flags(tune, trained="the backbone (no weight decay)", max_epoch=100)
+    add_speed_flags(tune)
     tune.add_argument("--resume", action="store_true",
                       help="continue an interrupted fine-tuning from the last.pth in --run_dir (shot<K>/last.pth "
                            "with several shots); the same flags as the interrupted run")

@@ -23,11 +23,12 @@ from torch import nn
 from tqdm import tqdm
 
 from dataloader.batch_augment import eval_transform
-from dataloader.datasets import (DATASETS, SPLITS, FeatureSplit, feature_path, load_features, load_images,
+from dataloader.datasets import (SPLITS, FeatureSplit, feature_path, load_features, load_images,
                                  prepare_hint)
-from dataloader.transforms import NORMALIZATION, normalization
+from dataloader.transforms import normalization
 from models import build_backbone
 from trainer.checkpoint import load_weights
+from trainer.flags import add_data_flags, add_init_weights_flag
 from utils import InputError, resolve_device, resolve_path, save_npz
 from utils.cli import add_device_flags, run_cli
 
@@ -179,11 +180,8 @@ def load_feature_splits(args: argparse.Namespace, splits: Sequence[str], device:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Extract backbone features of every split into "
                                                  "data/<dataset>/<model_type>/feat-<split>.npz.")
-    parser.add_argument("--dataset", default="mini", choices=DATASETS, help="prepared dataset under --data_root")
-    parser.add_argument("--model_type", default="res12", choices=sorted(NORMALIZATION), help="backbone")
-    parser.add_argument("--init_weights", default=None,
-                        help="backbone checkpoint; default checkpoints/<dataset>/<model_type>.pth")
-    parser.add_argument("--data_root", default="data", help="folder holding <dataset>/ (relative to the repo)")
+    add_data_flags(parser)
+    add_init_weights_flag(parser, "whose features are extracted")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="splits to extract")
     parser.add_argument("--overwrite", action="store_true", help="re-extract splits whose file already exists")
     parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, fields
 
-from dataloader.datasets import DATASETS
-from models import BACKBONES
 from models.heads import HEADS, METRICS, HeadConfig
 from models.inner_loop import INNER_STATES, InnerLoopConfig
+from trainer.flags import (add_data_flags, add_episode_flags, add_episodic_training_flags, add_init_weights_flag,
+                           add_pretraining_flags, add_run_flags)
 from utils import InputError
 from utils.cli import add_device_flags
 
@@ -56,33 +56,18 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description or __doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    # data
-    add("--dataset", default="mini", choices=DATASETS, help="prepared dataset under --data_root")
-    add("--model_type", default="res12", choices=sorted(BACKBONES), help="backbone whose cached features are used")
-    add("--data_root", default="data",
-        help="folder holding <dataset>/<model_type>/feat-<split>.npz and <dataset>/few-shot-wordemb-<split>.npz "
-             "(relative to the repository)")
-    add("--init_weights", default=None,
-        help="backbone checkpoint to extract the features from when they are not cached "
-             "(default checkpoints/<dataset>/<model_type>.pth)")
+    add_data_flags(parser, model_help="backbone whose cached features are used",
+                   data_root_help="folder holding <dataset>/<model_type>/feat-<split>.npz and "
+                                  "<dataset>/few-shot-wordemb-<split>.npz")
+    add_init_weights_flag(parser, "to extract the features from when they are not cached")
     add("--extract_batch_size", type=int, default=256, help="images per forward pass when extracting features")
-    # episodes
     add("--head", default="fusion", choices=HEADS,
         help="fusion or concat (set by run_fusion.py / run_concatenation.py)")
-    add("--way", type=int, default=5, help="classes per episode")
-    add("--shot", type=int, nargs="+", default=[1, 5], help="support samples per class; one run per value")
-    add("--train_query", type=int, default=15, help="queries per class in training episodes")
-    add("--val_query", type=int, default=15, help="queries per class in validation episodes")
+    add_episode_flags(parser, shot_help="support samples per class; one run per value")
     add("--test_query", type=int, default=15, help="queries per class in test episodes")
-    add("--max_epoch", type=int, default=10, help="training epochs")
-    add("--num_batch", type=int, default=100, help="training episodes per epoch")
-    add("--val_episodes", type=int, default=100, help="fixed validation episodes after every epoch")
     add("--test_episodes", type=int, default=600, help="fixed test episodes")
-    # outer loop
-    add("--vlr", type=float, default=1e-3, help="Adam learning rate of feat_learner (the visual projection)")
+    add_episodic_training_flags(parser, trained="feat_learner (the visual projection)", max_epoch=10)
     add("--weight_decay", type=float, default=1e-4, help="Adam weight decay of feat_learner")
-    add("--step_size", type=int, default=10, help="StepLR period of the outer loop in epochs")
-    add("--gamma", type=float, default=0.5, help="StepLR factor of the outer loop")
     # heads
     add("--lamda", type=float, default=0.05, help="fusion: weight of the visual part (0..1); unused by concat")
     add("--metric", default="auto", choices=("auto",) + METRICS,
@@ -113,23 +98,16 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add("--eval_weights", default=None,
         help="meta checkpoint to test without training: the max_acc.pth of this stage, or a meta checkpoint "
              "saved by the original release (use --inner_state carry to reproduce the release's number)")
-    add("--run_dir", default=None,
-        help="run folder (default runs/<head>_<dataset>_<model_type>-<time>); one shot<K>/ per shot when "
-             "several shots are given")
     add_device_flags(parser)
-    add("--seed", type=int, default=1,
-        help="seeds the model, the training episodes and the fixed validation and test episodes (the test "
-             "episodes are run_proto.py's for the same seed)")
-    add("--deterministic", action="store_true",
-        help="torch.use_deterministic_algorithms: repeatable CUDA runs, slower (CPU runs repeat without it)")
-    add("--resume", action="store_true",
-        help="continue an interrupted training from the last.pth that every epoch writes into --run_dir "
-             "(shot<K>/last.pth with several shots); the same flags as the interrupted run")
-    pre = parser.add_argument_group("pretraining flags", "accepted so that the original's command lines keep "
-                                                         "working; they configure run_pre.py and are ignored here")
-    for name, kind in (("pre_max_epoch", int), ("pre_batch_size", int), ("pre_lr", float), ("pre_gamma", float),
-                       ("pre_step_size", int), ("pre_custom_momentum", float), ("pre_custom_weight_decay", float)):
-        pre.add_argument(f"--{name}", type=kind, default=None, help="ignored by the meta stage (see run_pre.py)")
+    add_run_flags(parser, run_dir="runs/<head>_<dataset>_<model_type>-<time>; one shot<K>/ per shot when several "
+                                  "shots are given",
+                  seed=1, seed_help="seeds the model, the training episodes and the fixed validation and test "
+                                    "episodes (the test episodes are run_proto.py's for the same seed)",
+                  resume_help="continue an interrupted training from the last.pth that every epoch writes into "
+                              "--run_dir (shot<K>/last.pth with several shots); the same flags as the interrupted run")
+    add_pretraining_flags(parser.add_argument_group(
+        "pretraining flags", "accepted so that the original's command lines keep working; they configure "
+                             "run_pre.py and are ignored here"), used=False)
     return parser
 
 
