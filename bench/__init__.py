@@ -154,6 +154,13 @@ def print_summary(path: str | Path) -> None:
                       f"{row['seconds']:.1f} s = {row['images_per_s']:.0f} img/s")
             print(f"  ratios {record['ratios']}")
         else:
+            inner = {(r["impl"], r["shot"]): r for r in record.get("inner", [])}
+            for (impl, shot), row in inner.items():
+                reference = inner.get(("reference", shot))
+                if impl == "ours" and reference:
+                    print(f"  inner loop {shot}-shot reset: {row['episodes_per_s']:7.1f} ep/s on {row['threads']} "
+                          f"threads, plain_fit_regressor {reference['episodes_per_s']:6.1f} ep/s on "
+                          f"{reference['threads']} ({row['ratio']:.1f}x)")
             rows = {(r["impl"], r["head"], r["shot"], r["mode"], r["phase"]): r for r in record["rows"]}
             for (impl, head, shot, mode, phase), row in rows.items():
                 if impl != "reference" or phase != "eval":
