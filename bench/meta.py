@@ -1,7 +1,7 @@
 """Meta-stage speed: episodes/s of the trainer's episodes against a plain per-episode reference.
 
     python bench/meta.py --device cpu --threads 1            # CPU-sized (100 test episodes per setting), ~2 min
-    python bench/meta.py --device cpu --threads 2 --heads fusion --modes reset   # reset on both cores
+    python bench/meta.py --device cpu --threads 2 --parts inner   # the inner loop alone, reset, on both cores
     python bench/meta.py --device cuda                       # 600 test episodes per setting
 
 On synthetic class-structured features held in memory (64 / 16 / 20 classes x 600 samples x 640-d, class
@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
              "episodes/s)")
     add("--warmup", type=int, default=0,
         help="episodes run before each measurement, not timed (0: 4 on CUDA, 2 on a CPU)")
+    add("--parts", nargs="+", default=["inner", "settings"], choices=["inner", "settings"],
+        help="inner: the inner loop alone (reset against plain_fit_regressor); settings: the trainer's episodes "
+             "per head, shot and mode against the plain reference")
     add("--ref_threads", type=int, default=0,
         help="torch threads while the plain reference runs (0: the same as --threads)")
     add("--episode_batch", type=int, default=100, help="the trainer's --episode_batch (reset mode)")
@@ -356,8 +359,9 @@ def main(argv=None) -> dict:
         sampler = EpisodeSampler(splits["train"].targets.cpu(), WAY, shot, QUERY, counts["train"] + args.warmup)
         indices["train"] = sampler.sample(counts["train"] + args.warmup,
                                           torch.Generator().manual_seed(args.seed)).to(device)
-        inner += bench_inner(shot, splits, indices, args, device)
-        for head in args.heads:
+        if "inner" in args.parts:
+            inner += bench_inner(shot, splits, indices, args, device)
+        for head in args.heads if "settings" in args.parts else []:
             rows += bench_reference(head, shot, splits, indices, args, device)
             for mode in args.modes:
                 rows += bench_setting(head, shot, mode, splits, indices, args, device)
