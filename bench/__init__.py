@@ -3,6 +3,7 @@
     python bench/meta.py --device cpu --threads 1      # meta stage: episodes/s against a plain reference
     python bench/pretrain.py --device cuda             # pretraining: input pipelines, training steps, an epoch
     bash bench/gpu.sh                                  # both, sized for a few minutes on one GPU
+    python3 bench/gpu_run.py --data <cut>              # a GPU machine's one call: tests, both, the recipe
 
 This module holds what both scripts share: the common flags, the machine description, timing with a device
 sync, and peak memory. Results go to BENCHMARKS.md.

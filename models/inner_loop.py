@@ -1,4 +1,4 @@
-"""The per-episode fit of the semantic regressor (DESIGN A5): both ways, one fast path.
+"""The per-episode fit of the semantic regressor: both ways, one fast path.
 
 Every episode the regressor ``word_learner`` (F -> D) takes ``steps`` Adam steps (fresh optimizer, StepLR
 stepped after every step) on ``mean(1 - cos(regressor(support), class vector of its label))``, then maps the
@@ -51,7 +51,7 @@ CPU_FIT_ELEMENTS = 400_000
 
 @dataclass(frozen=True)
 class InnerLoopConfig:
-    """Settings of the per-episode regressor fit (DESIGN A5 defaults; StepLR(50, 0.5) for concat on tiered/cub)."""
+    """Settings of the per-episode regressor fit (the release's defaults; StepLR(50, 0.5) for concat on tiered/cub)."""
 
     steps: int = 100
     lr: float = 0.01            # the original's --gradlr
@@ -251,7 +251,7 @@ def _reset_chunk(regressor: nn.Linear, support: torch.Tensor, targets: torch.Ten
 
 def semantic_queries(regressor: nn.Linear, support: torch.Tensor, targets: torch.Tensor, query: torch.Tensor,
                      config: InnerLoopConfig, inner_state: str = "reset", fit_batch: int | None = None) -> torch.Tensor:
-    """Fit the regressor on each episode's support set and map its queries: s_q of DESIGN A5.
+    """Fit the regressor on each episode's support set and map its queries: the semantic queries s_q.
 
     Args:
         regressor: Linear(F, D). ``carry`` fits it in place episode after episode (in order b = 0, 1, ...);
