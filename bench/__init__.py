@@ -3,6 +3,7 @@
     python bench/meta.py --device cpu --threads 1      # meta stage: episodes/s against a plain reference
     python bench/pretrain.py --device cuda             # pretraining: input pipelines, training steps, an epoch
     bash bench/gpu.sh                                  # both, sized for a few minutes on one GPU
+    python3 bench/gpu_run.py --data <cut>              # a GPU machine's one call: tests, both, the recipe
 
 This module holds what both scripts share: the common flags, the machine description, timing with a device
 sync, and peak memory. Results go to BENCHMARKS.md.
@@ -154,6 +155,13 @@ def print_summary(path: str | Path) -> None:
                       f"{row['seconds']:.1f} s = {row['images_per_s']:.0f} img/s")
             print(f"  ratios {record['ratios']}")
         else:
+            inner = {(r["impl"], r["shot"]): r for r in record.get("inner", [])}
+            for (impl, shot), row in inner.items():
+                reference = inner.get(("reference", shot))
+                if impl == "ours" and reference:
+                    print(f"  inner loop {shot}-shot reset: {row['episodes_per_s']:7.1f} ep/s on {row['threads']} "
+                          f"threads, plain_fit_regressor {reference['episodes_per_s']:6.1f} ep/s on "
+                          f"{reference['threads']} ({row['ratio']:.1f}x)")
             rows = {(r["impl"], r["head"], r["shot"], r["mode"], r["phase"]): r for r in record["rows"]}
             for (impl, head, shot, mode, phase), row in rows.items():
                 if impl != "reference" or phase != "eval":

@@ -1,6 +1,7 @@
 """Meta-stage speed: episodes/s of the trainer's episodes against a plain per-episode reference.
 
     python bench/meta.py --device cpu --threads 1            # CPU-sized (100 test episodes per setting), ~2 min
+    python bench/meta.py --device cpu --threads 2 --parts inner   # the inner loop alone, reset, on both cores
     python bench/meta.py --device cuda                       # 600 test episodes per setting
 
 On synthetic class-structured features held in memory (64 / 16 / 20 classes x 600 samples x 640-d, class
@@ -12,6 +13,13 @@ the head, one episode at a time (plus the outer Adam step in training). Both run
 episodes; the reference carries its regressor over (the original), so in carry mode both give the same
 accuracies. Only steady state is timed (every measurement is preceded by a warm-up on other episodes).
 
+It also times the inner loop alone on the same test episodes (``inner``): reset mode's
+``models.inner_loop.semantic_queries`` over all of them against ``plain_fit_regressor`` (autograd + a fresh
+``torch.optim.Adam``) from the same initial state on each of the first ``--ref_episodes``, one after another.
+``--threads`` applies to ours (reset mode then fits its chunks on that many worker threads) and, unless
+``--ref_threads`` is given, to the reference: ``--threads 2 --ref_threads 2`` compares the whole machine
+against the whole machine on two cores, ``--ref_threads 1`` against the reference at its best on a busy CPU.
+
 Prints one JSON line: ``rows`` (one per implementation, setting and phase: episodes, seconds, episodes/s,
 mean accuracy, peak memory), ``ratios`` (ours / reference episodes/s) and ``test_600_s`` (the wall time of a
 600-episode test, measured when ``--episodes`` is 600, else extrapolated from the measured rate).
@@ -22,6 +30,7 @@ import argparse
 import copy
 import os
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -35,9 +44,9 @@ from torch import nn
 from bench import bench_parser, emit, fill_unset, machine, peak_memory, setup, timed
 from dataloader.datasets import FeatureSplit
 from dataloader.sampler import EpisodeSampler, episode_labels
-from models.inner_loop import INNER_STATES
+from models.inner_loop import INNER_STATES, plain_fit_regressor, semantic_queries
 from trainer.evaluate import episode_indices
-from trainer.meta import MetaConfig, build_model, build_parser, evaluate, train_epoch
+from trainer.meta import MetaConfig, build_model, build_parser, evaluate, gather_episodes, train_epoch
 
 FEATURE_DIM = 640
 WAY, QUERY = 5, 15  # the run scripts' episodes: 5-way, 15 queries per class in every phase
@@ -68,6 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
              "episodes/s)")
     add("--warmup", type=int, default=0,
         help="episodes run before each measurement, not timed (0: 4 on CUDA, 2 on a CPU)")
+    add("--parts", nargs="+", default=["inner", "settings"], choices=["inner", "settings"],
+        help="inner: the inner loop alone (reset against plain_fit_regressor); settings: the trainer's episodes "
+             "per head, shot and mode against the plain reference")
+    add("--ref_threads", type=int, default=0,
+        help="torch threads while the plain reference runs (0: the same as --threads)")
     add("--episode_batch", type=int, default=100, help="the trainer's --episode_batch (reset mode)")
     add("--inner_steps", type=int, default=100,
         help="inner-loop Adam steps per episode, ours and the reference's (100: the original; fewer only for "
@@ -229,6 +243,59 @@ def bench_setting(head: str, shot: int, mode: str, splits: dict[str, FeatureSpli
     return rows
 
 
+@contextmanager
+def reference_threads(args: argparse.Namespace):
+    """Run the block with torch at ``--ref_threads`` threads (when given), then restore the count."""
+    threads = torch.get_num_threads()
+    if args.ref_threads:
+        torch.set_num_threads(args.ref_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bench_inner(shot: int, splits: dict[str, FeatureSplit], indices: dict, args: argparse.Namespace,
+                device: torch.device) -> list[dict]:
+    """The inner loop alone on the test episodes: reset-mode ``semantic_queries`` against ``plain_fit_regressor``
+    per episode from the same initial state (then the query map), one episode after another."""
+    _, config = meta_config("fusion", shot, "reset", args)
+    regressor = initial_model(config, splits, args, device).word_learner
+
+    def batch(chosen):
+        return gather_episodes(splits["test"], chosen, config, QUERY, training=False)
+
+    def ours(chosen):
+        episodes = batch(chosen)
+        return lambda: semantic_queries(regressor, episodes.support, episodes.support_targets, episodes.query,
+                                        config.inner, "reset")
+
+    def plain(chosen):
+        episodes = batch(chosen)
+
+        def run():
+            outputs = []
+            for b in range(chosen.shape[0]):
+                fitted = copy.deepcopy(regressor)
+                plain_fit_regressor(fitted, episodes.support[b], episodes.support_targets[b], config.inner)
+                with torch.no_grad():
+                    outputs.append(fitted(episodes.query[b]))
+            return torch.stack(outputs)
+        return run
+
+    rows = []
+    warmup, test = indices["test"][-args.warmup:], indices["test"][:-args.warmup]
+    for impl, make_run, chosen in (("ours", ours, test), ("reference", plain, test[:args.ref_episodes])):
+        with reference_threads(args) if impl == "reference" else nullcontext():
+            make_run(warmup)()
+            seconds, _ = timed(make_run(chosen), device)
+            rows.append({"impl": impl, "shot": shot, "mode": "reset", "episodes": chosen.shape[0],
+                         "seconds": seconds, "episodes_per_s": chosen.shape[0] / seconds,
+                         "threads": torch.get_num_threads()})
+    rows[0]["ratio"] = rows[0]["episodes_per_s"] / rows[1]["episodes_per_s"]
+    return rows
+
+
 def bench_reference(head: str, shot: int, splits: dict[str, FeatureSplit], indices: dict,
                     args: argparse.Namespace, device: torch.device) -> list[dict]:
     """The plain reference on the first ``--ref_episodes`` training and test episodes of the setting."""
@@ -246,7 +313,8 @@ def bench_reference(head: str, shot: int, splits: dict[str, FeatureSplit], indic
             optimizer = outer_optimizer(model, run_args) if training else None
             return lambda: plain_run(model, splits[split], chosen, config, QUERY, training, optimizer)
 
-        result = warm_then_time(make_run, indices[split][-args.warmup:], indices[split][:count], device)
+        with reference_threads(args):
+            result = warm_then_time(make_run, indices[split][-args.warmup:], indices[split][:count], device)
         rows.append({"impl": "reference", "head": head, "shot": shot, "mode": "carry", "phase": phase, **result})
     return rows
 
@@ -282,7 +350,7 @@ def main(argv=None) -> dict:
     started = machine(device)  # before the work: the load average it ran under
     splits = synthetic_splits(args, device)
     counts = {"train": args.train_episodes, "val": args.val_episodes, "test": args.episodes}
-    rows = []
+    rows, inner = [], []
     for shot in args.shots:
         # the trainer's own episode draws: fixed seeded episodes for val/test, a sampler for training
         indices = {phase: episode_indices(splits[phase].targets.cpu(), WAY, shot, QUERY,
@@ -291,7 +359,9 @@ def main(argv=None) -> dict:
         sampler = EpisodeSampler(splits["train"].targets.cpu(), WAY, shot, QUERY, counts["train"] + args.warmup)
         indices["train"] = sampler.sample(counts["train"] + args.warmup,
                                           torch.Generator().manual_seed(args.seed)).to(device)
-        for head in args.heads:
+        if "inner" in args.parts:
+            inner += bench_inner(shot, splits, indices, args, device)
+        for head in args.heads if "settings" in args.parts else []:
             rows += bench_reference(head, shot, splits, indices, args, device)
             for mode in args.modes:
                 rows += bench_setting(head, shot, mode, splits, indices, args, device)
@@ -302,8 +372,8 @@ def main(argv=None) -> dict:
               "config": {key: getattr(args, key) for key in ("dim", "classes", "samples_per_class", "episodes",
                                                              "train_episodes", "val_episodes", "carry_episodes",
                                                              "ref_episodes", "warmup", "episode_batch", "inner_steps",
-                                                             "threads", "quick")},
-              "rows": rows, "ratios": ratios(rows), "test_ratio_range": ratio_range(rows),
+                                                             "threads", "ref_threads", "quick")},
+              "inner": inner, "rows": rows, "ratios": ratios(rows), "test_ratio_range": ratio_range(rows),
               "test_600_s": test_600, "load_avg_end": list(os.getloadavg())}
     emit(record)
     return record

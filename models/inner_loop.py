@@ -1,4 +1,4 @@
-"""The per-episode fit of the semantic regressor (DESIGN A5): both ways, one fast path.
+"""The per-episode fit of the semantic regressor: both ways, one fast path.
 
 Every episode the regressor ``word_learner`` (F -> D) takes ``steps`` Adam steps (fresh optimizer, StepLR
 stepped after every step) on ``mean(1 - cos(regressor(support), class vector of its label))``, then maps the
@@ -20,7 +20,12 @@ where the meta stage spends its time):
   kernel behind ``torch.optim.Adam(fused=True)``, called directly: the optimizer object's bookkeeping costs
   about as much as the kernel at these sizes);
 * on a CPU the episodes are fitted a few at a time (:func:`fit_batch_size`): the work per step is a pass over
-  every episode's D x F weights and moments, and it runs from the caches only while they stay small.
+  every episode's D x F weights and moments, and it runs from the caches only while they stay small;
+* on a CPU with more than one torch thread (``--threads``), reset mode fits those chunks in parallel, one
+  chunk per worker thread, each worker's ops on one intra-op thread (:func:`fit_workers`): torch releases the
+  GIL inside its ops, and one thread per small op avoids OpenMP's synchronisation, which on a busy machine
+  cost more than the op. The chunks are the same as with one thread and each is computed by the same ops, so
+  the result is bit-identical to the sequential path.
 
 Tests hold the fast path to the plain one (``tests/test_inner_loop.py``): equal to 1e-9 in float64; in float32
 to 1e-5 for all but rare elements (at most ~2e-4, where a converged fit's rounding-level gradients meet Adam's
@@ -28,6 +33,9 @@ normalisation), with identical predictions.
 """
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +51,7 @@ CPU_FIT_ELEMENTS = 400_000
 
 @dataclass(frozen=True)
 class InnerLoopConfig:
-    """Settings of the per-episode regressor fit (DESIGN A5 defaults; StepLR(50, 0.5) for concat on tiered/cub)."""
+    """Settings of the per-episode regressor fit (the release's defaults; StepLR(50, 0.5) for concat on tiered/cub)."""
 
     steps: int = 100
     lr: float = 0.01            # the original's --gradlr
@@ -200,16 +208,57 @@ def fit_batch_size(regressor: nn.Linear, num_episodes: int) -> int:
     return max(1, min(num_episodes, CPU_FIT_ELEMENTS // regressor.weight.numel()))
 
 
+def fit_workers(regressor: nn.Linear, num_chunks: int) -> int:
+    """Worker threads for reset mode's chunks: on a CPU, torch's thread count (``--threads``; 0 = one per core),
+    never more than the chunks; 1 (the sequential path) on a GPU, where one chunk holds every episode."""
+    if regressor.weight.device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), num_chunks))
+
+
+_POOL_LOCK = threading.Lock()
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads, kept between calls (the trainer calls once per batch)."""
+    with _POOL_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="inner_loop")
+        return _POOLS[workers]
+
+
+def _forget_pools() -> None:
+    """In a forked child (e.g. a DataLoader worker) the parent's pool threads do not exist."""
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _POOLS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _reset_chunk(regressor: nn.Linear, support: torch.Tensor, targets: torch.Tensor, query: torch.Tensor,
+                 config: InnerLoopConfig, one_thread: bool = False) -> torch.Tensor:
+    """Fit one chunk of episodes from the regressor's state and map its queries: (b, Q, D)."""
+    if one_thread:
+        # per calling thread (OpenMP's thread count and MKL's local one): the caller's setting is untouched
+        torch.set_num_threads(1)
+    with torch.no_grad():
+        weights, biases = fit_regressors(regressor.weight, regressor.bias, support, targets, config)
+        return apply_regressors(weights, biases, query)
+
+
 def semantic_queries(regressor: nn.Linear, support: torch.Tensor, targets: torch.Tensor, query: torch.Tensor,
                      config: InnerLoopConfig, inner_state: str = "reset", fit_batch: int | None = None) -> torch.Tensor:
-    """Fit the regressor on each episode's support set and map its queries: s_q of DESIGN A5.
+    """Fit the regressor on each episode's support set and map its queries: the semantic queries s_q.
 
     Args:
         regressor: Linear(F, D). ``carry`` fits it in place episode after episode (in order b = 0, 1, ...);
             ``reset`` leaves it untouched and starts every episode from its current state.
         support: (B, S, F); targets: (B, S, D); query: (B, Q, F).
         fit_batch: reset mode, episodes fitted together (default :func:`fit_batch_size`); results do not depend
-            on it.
+            on it. On a CPU the chunks run on :func:`fit_workers` threads (bit-identical to one thread).
 
     Returns:
         (B, Q, D) semantic embeddings of the queries, detached.
@@ -224,9 +273,12 @@ def semantic_queries(regressor: nn.Linear, support: torch.Tensor, targets: torch
                 outputs.append(regressor(query[episode]).unsqueeze(0))
         else:
             fit_batch = fit_batch or fit_batch_size(regressor, support.shape[0])
-            for start in range(0, support.shape[0], fit_batch):
-                chunk = slice(start, start + fit_batch)
-                weights, biases = fit_regressors(regressor.weight, regressor.bias, support[chunk], targets[chunk],
-                                                 config)
-                outputs.append(apply_regressors(weights, biases, query[chunk]))
+            chunks = [slice(start, start + fit_batch) for start in range(0, support.shape[0], fit_batch)]
+            workers = fit_workers(regressor, len(chunks))
+            if workers == 1:
+                outputs = [_reset_chunk(regressor, support[c], targets[c], query[c], config) for c in chunks]
+            else:
+                outputs = list(_pool(workers).map(
+                    lambda c: _reset_chunk(regressor, support[c], targets[c], query[c], config, one_thread=True),
+                    chunks))
     return torch.cat(outputs)

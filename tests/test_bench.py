@@ -60,11 +60,22 @@ def test_meta_bench_quick(run_script):
                for r in record["rows"])
     assert len(record["ratios"]) == 12 and all(positive(r["ratio"]) for r in record["ratios"])
     assert set(record["test_ratio_range"]) == {"carry", "reset"}
+    # the inner loop alone: reset mode against plain_fit_regressor per episode, one pair per shot
+    assert [(r["impl"], r["shot"]) for r in record["inner"]] == [("ours", 1), ("reference", 1)]
+    assert positive(record["inner"][0]["ratio"]) and all(positive(r["episodes_per_s"]) for r in record["inner"])
     # the reference carries its regressor over like carry mode, from the same weights, on the same episodes
     accuracy = {(r["impl"], r["head"], r["phase"]): r["acc"] for r in record["rows"] if r["mode"] == "carry"}
     for head in ("fusion", "concat"):
         assert accuracy[("ours", head, "train")] == pytest.approx(accuracy[("reference", head, "train")], abs=1e-6)
         assert accuracy[("ours", head, "test")] == pytest.approx(accuracy[("reference", head, "eval")], abs=1e-6)
+
+
+def test_meta_bench_threads_apply_to_ours_and_the_reference(run_script):
+    """--threads 2 runs reset mode's chunks on two workers; --ref_threads 1 times the reference on one thread."""
+    record = run_script("meta", "--quick", "--device", "cpu", "--threads", "2", "--ref_threads", "1",
+                        "--heads", "fusion", "--modes", "reset")
+    assert [(r["impl"], r["threads"]) for r in record["inner"]] == [("ours", 2), ("reference", 1)]
+    assert record["threads"] == 2 and record["config"]["ref_threads"] == 1
 
 
 def test_pretrain_bench_quick(run_script):

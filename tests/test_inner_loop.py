@@ -3,14 +3,17 @@ equals the plain per-episode autograd + torch.optim.Adam loop, and carry mode ca
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models.heads import semantic_regressor
+import models.inner_loop as inner_loop
 from models.inner_loop import (CPU_FIT_ELEMENTS, InnerLoopConfig, apply_regressors, cosine_loss, cosine_loss_grad,
-                               fit_batch_size, fit_regressor, fit_regressors, plain_fit_regressor, semantic_queries)
+                               fit_batch_size, fit_regressor, fit_regressors, fit_workers, plain_fit_regressor,
+                               semantic_queries)
 
 FEATURES, DIM = 640, 16
 # 20 steps with StepLR(8, 0.2) cover three learning-rate levels and keep the plain loop quick.
@@ -164,3 +167,37 @@ def test_cpu_fit_batch_keeps_a_chunk_small():
     assert fit_batch_size(torch.nn.Linear(640, 50), 100) == CPU_FIT_ELEMENTS // (640 * 50)
     assert fit_batch_size(torch.nn.Linear(640, 50), 3) == 3
     assert fit_batch_size(torch.nn.Linear(4096, 4096), 100) == 1
+
+
+def test_parallel_reset_is_bit_identical_to_one_thread(monkeypatch):
+    """With --threads N > 1 the chunks run on N worker threads of one intra-op thread each; the result is the
+    sequential one bit for bit, and the caller's thread count is left as it was."""
+    support, targets, query = episodes(9, seed=8)                  # float32: bitwise, not to a tolerance
+    model = regressor()
+    sequential = semantic_queries(model, support, targets, query, CONFIG, "reset", fit_batch=2)   # 1 thread
+    seen = []
+    chunk = inner_loop._reset_chunk
+
+    def recording(*args, **kwargs):
+        out = chunk(*args, **kwargs)
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return out
+
+    monkeypatch.setattr(inner_loop, "_reset_chunk", recording)
+    torch.set_num_threads(3)
+    assert fit_workers(model, 5) == 3 and fit_workers(model, 2) == 2
+    parallel = semantic_queries(model, support, targets, query, CONFIG, "reset", fit_batch=2)
+    assert torch.get_num_threads() == 3
+    assert torch.equal(parallel, sequential)
+    assert len(seen) == 5 and all(name.startswith("inner_loop") and threads == 1 for name, threads in seen)
+    # one thread: the sequential path, in the calling thread
+    torch.set_num_threads(1)
+    seen.clear()
+    assert torch.equal(semantic_queries(model, support, targets, query, CONFIG, "reset", fit_batch=2), sequential)
+    assert [name for name, _ in seen] == [threading.current_thread().name] * 5
+
+
+def test_fit_workers_is_one_off_the_cpu():
+    assert fit_workers(torch.nn.Linear(640, 300, device="meta"), 50) == 1
+    torch.set_num_threads(2)
+    assert fit_workers(torch.nn.Linear(640, 300), 1) == 1
