@@ -41,8 +41,10 @@ from dataloader.datasets import ImageDataset
 from dataloader.prepare import write_split
 from dataloader.transforms import normalization
 from models import BACKBONES, build_backbone
-from trainer.extract import autocast
-from trainer.pre import Pretrainer, Processes, StopRequest
+from trainer.pre import Pretrainer
+from utils.distributed import Processes
+from utils.interrupt import StopRequest
+from utils.runtime import autocast
 
 NUM_CLASSES = 64
 PARTS = ("pipeline", "steps", "epoch")
