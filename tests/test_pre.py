@@ -23,6 +23,7 @@ from trainer import extract, pre
 from trainer.checkpoint import load_checkpoint, load_weights
 from trainer.extract import ensure_features
 from trainer.pre import pretrain_lr
+from trainer.pre_flags import build_parser as pretrain_parser
 from utils import REPO_ROOT
 from utils.distributed import Processes
 from utils.interrupt import StopRequest
@@ -182,7 +183,7 @@ def test_entry_script_errors_without_traceback(tmp_path, capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("build_parser", [run_pre.build_parser, run_proto.build_parser, extract.build_parser])
+@pytest.mark.parametrize("build_parser", [pretrain_parser, run_proto.build_parser, extract.build_parser])
 def test_every_flag_has_help_and_defaults_inside_choices(build_parser):
     for action in build_parser()._actions:
         if action.dest == "help":
