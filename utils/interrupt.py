@@ -3,8 +3,8 @@ Kubernetes and ``kill`` end a job (they follow it with SIGKILL after a grace per
 
 The first signal only records a stop request; the training loop checks it at its next step boundary, writes
 its resume state and calls :meth:`StopRequest.exit_for_resume`, which prints the command that continues the
-run and exits with the shell's code for the signal (130 for SIGINT, 143 for SIGTERM), so that a scheduler sees
-the job as stopped, not failed. A second signal aborts at once (``SystemExit`` with the same code, which still
+run and exits with the code a shell gives a process ended by that signal (130 for SIGINT, 143 for SIGTERM), so
+that job scripts can tell a stop from a failure. A second signal aborts at once (``SystemExit`` with the same code, which still
 runs ``finally`` blocks, so a half-written file is removed and the previous version kept)::
 
     with StopRequest("this episode") as stop:
