@@ -4,66 +4,25 @@
     torchrun --nproc_per_node 4 run_pre.py --dataset mini --model_type res12  # the same on 4 GPUs
     python run_pre.py --run_dir runs/<folder> --resume                        # continue an interrupted run
 
-The best backbone is ``<run_dir>/max_acc.pth``; copy it to ``checkpoints/<dataset>/<model_type>.pth`` for
-the meta stage. Edit the defaults below to change a run for good.
+Ctrl-C or SIGTERM (Slurm, Kubernetes) stops the run after the current batch, saves <run_dir>/last.pth and
+prints the command that continues it (exit code 130 or 143). The best backbone is ``<run_dir>/max_acc.pth``;
+copy it to ``checkpoints/<dataset>/<model_type>.pth`` for the meta stage. Every flag: python run_pre.py
+--help (defined in trainer/pre_flags.py). Edit the defaults below to change a run for good.
 """
-import argparse
-import os
+from trainer.pre_flags import build_parser
 
-from dataloader.datasets import DATASETS
-from models import BACKBONES
-from utils.cli import add_device_flags
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    # data and model
-    add("--dataset", default="mini", choices=DATASETS, help="prepared dataset under --data_root")
-    add("--model_type", default="res12", choices=sorted(BACKBONES), help="backbone to pretrain")
-    add("--data_root", default="data", help="folder holding <dataset>/few-shot-*.npz (relative to the repo)")
-    # the original recipe (run_pre.py defaults)
-    add("--pre_max_epoch", type=int, default=110, help="epochs")
-    add("--pre_batch_size", type=int, default=128, help="images per step, over all processes together")
-    add("--pre_lr", type=float, default=0.1, help="initial learning rate")
-    add("--pre_gamma", type=float, default=0.2, help="StepLR factor")
-    add("--pre_step_size", type=int, default=30, help="StepLR period in epochs (stepped at each epoch start)")
-    add("--pre_custom_momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
-    add("--pre_custom_weight_decay", type=float, default=5e-4, help="SGD weight decay")
-    # validation: ProtoNet episodes on the validation features
-    add("--way", type=int, default=5, help="classes per validation episode")
-    add("--shot", "--val_shot", dest="shot", type=int, default=1, help="support images per class")
-    add("--val_query", type=int, default=15, help="query images per class")
-    add("--val_episodes", type=int, default=600, help="validation episodes per epoch")
-    add("--val_seed", type=int, default=0, help="seed of the (fixed) validation episodes")
-    add("--val_batch_size", type=int, default=256, help="images per forward pass when computing val features")
-    # input pipeline and speed
-    add("--augment", default="batch", choices=["batch", "pil", "none"],
-        help="batch: batched augmentation on the device; pil: the original per-image torchvision path in "
-             "DataLoader workers; none: no augmentation (eval transform), for debugging")
-    add("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers (pil path)")
-    add("--max_train_batches", type=int, default=0, help="cap on training batches per epoch (0: no cap)")
-    add("--amp", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on for CUDA)")
-    add("--channels_last", default="auto", choices=["auto", "on", "off"],
-        help="channels_last memory format (auto: on for CUDA)")
-    add("--compile", action="store_true", help="torch.compile the model")
-    # run
-    add_device_flags(parser, "auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    add("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
-    add("--deterministic", action="store_true",
-        help="torch.use_deterministic_algorithms and no cuDNN benchmarking: repeatable CUDA runs, slower "
-             "(CPU runs repeat without it)")
-    add("--run_dir", default=None, help="run folder (default runs/pre_<dataset>_<model_type>-<time>)")
-    add("--resume", action="store_true", help="continue from <run_dir>/last.pth")
-    return parser
+parser = build_parser(__doc__)
+# The original recipe (SGD Nesterov, lr 0.1, StepLR(30, 0.2), batch 128, 110 epochs) is build_parser()'s
+# default; add any flag here to change it, e.g. parser.set_defaults(pre_max_epoch=120).
+parser.set_defaults()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+def parse_args(argv=None):
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
-    """Parse the flags and run; bad input exits with ``error: ...`` and code 2 (no traceback)."""
+    """Parse the flags and run; exit codes as :func:`utils.cli.run_cli` (bad input 2 with ``error: ...``)."""
     from trainer.pre import main as pretrain
     from utils.cli import run_cli
     run_cli(pretrain, parse_args(argv), batch_flag="--pre_batch_size")

@@ -34,15 +34,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-import run_pre
 from bench import bench_parser, emit, fill_unset, machine, peak_memory, setup, synchronize, timed
 from dataloader.batch_augment import torchvision_train_transform, train_augment
 from dataloader.datasets import ImageDataset
 from dataloader.prepare import write_split
 from dataloader.transforms import normalization
 from models import BACKBONES, build_backbone
-from trainer.extract import autocast
-from trainer.pre import Pretrainer, Processes, StopRequest
+from trainer.pre import Pretrainer
+from trainer.pre_flags import build_parser as pretrain_parser
+from utils.cli import parser_defaults
+from utils.distributed import Processes
+from utils.interrupt import StopRequest
+from utils.runtime import autocast
 
 NUM_CLASSES = 64
 PARTS = ("pipeline", "steps", "epoch")
@@ -60,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--warmup_steps", type=int, default=0, help="untimed steps first (0: 3 on CUDA, 1 on a CPU)")
     add("--compile", action="store_true", help="also time a torch.compile-d step (compiling takes a while)")
     add("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-        help="DataLoader workers of the PIL path (run_pre.py's default)")
+        help="DataLoader workers of the PIL path (pretraining's default)")
     add("--pipeline_images", type=int, default=0,
         help="images through each input pipeline (0: 8192 on CUDA, 512 on a CPU)")
     add("--repeats", type=int, default=3, help="measurements of each input pipeline (the median is reported)")
@@ -209,11 +212,11 @@ def write_dataset(root: Path, args: argparse.Namespace) -> None:
 def epoch_rate(root: Path, augment: str, fast: bool, args: argparse.Namespace, device: torch.device) -> dict:
     """Images/s of ``Pretrainer.train_epoch`` over the whole training split (after a two-batch warm-up)."""
     on_off = "on" if fast else "off"
-    run_args = run_pre.parse_args([
-        "--data_root", str(root), "--dataset", "mini", "--model_type", args.epoch_model, "--device", str(device),
-        "--pre_batch_size", str(args.batch_size), "--augment", augment, "--num_workers", str(args.num_workers),
-        "--amp", on_off, "--channels_last", on_off, "--run_dir", str(root / "run"), "--seed", str(args.seed),
-        "--way", "5", "--shot", "1", "--val_query", "1", "--val_episodes", "1", "--max_train_batches", "2"])
+    run_args = parser_defaults(
+        pretrain_parser(), data_root=str(root), dataset="mini", model_type=args.epoch_model, device=str(device),
+        pre_batch_size=args.batch_size, augment=augment, num_workers=args.num_workers, amp=on_off,
+        channels_last=on_off, run_dir=str(root / "run"), seed=args.seed, way=5, shot=1, val_query=1,
+        val_episodes=1, max_train_batches=2)
     trainer = Pretrainer(run_args, device, Processes())
     trainer.train_epoch(1, StopRequest())
     trainer.batch, trainer.sums, run_args.max_train_batches = 0, [0.0, 0.0, 0], 0

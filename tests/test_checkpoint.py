@@ -12,7 +12,7 @@ from models import build_backbone
 from models.heads import HeadConfig, TasNet
 from synthetic_data import release_meta_params, release_state_dict_keys
 from trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint, strip_prefixes
-from utils import InputError
+from utils import InputError, SaveError
 
 
 def small_net():
@@ -101,7 +101,7 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(SaveError, match=f"cannot write {path}: disk full"):
         save_checkpoint(path, small_net().state_dict(), epoch=2)
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import run_pre
+from dataloader.pipelines import batch_seed, epoch_batches
 from synthetic_data import write_synthetic
 from trainer import meta, pre
 from trainer.checkpoint import load_checkpoint
 from utils import REPO_ROOT, InputError
+from utils.distributed import Processes
 
 # transductive, so that the seeded k-means is part of every validation and test episode
 META = ["--device", "cpu", "--shot", "1", "--max_epoch", "2", "--num_batch", "4", "--val_episodes", "4",
@@ -60,12 +62,12 @@ def test_pretraining_data_order_comes_from_the_seed():
     uninterrupted run with one run partly in another process (and ResNet-12 is too slow on a CPU to train it
     twice more here). This checks what the seed decides: the order of the batches (and, through
     ``batch_seed``, each batch's augmentation)."""
-    one = pre.Processes()
-    order = [batch.tolist() for batch in pre.epoch_batches(40, 8, 0, 1, one)]
-    assert order == [batch.tolist() for batch in pre.epoch_batches(40, 8, 0, 1, one)]
-    assert order != [batch.tolist() for batch in pre.epoch_batches(40, 8, 1, 1, one)]
-    assert order != [batch.tolist() for batch in pre.epoch_batches(40, 8, 0, 2, one)]  # a new order every epoch
-    assert pre.batch_seed(0, 1, 0, 0) != pre.batch_seed(1, 1, 0, 0)
+    one = Processes()
+    order = [batch.tolist() for batch in epoch_batches(40, 8, 0, 1, one)]
+    assert order == [batch.tolist() for batch in epoch_batches(40, 8, 0, 1, one)]
+    assert order != [batch.tolist() for batch in epoch_batches(40, 8, 1, 1, one)]
+    assert order != [batch.tolist() for batch in epoch_batches(40, 8, 0, 2, one)]  # a new order every epoch
+    assert batch_seed(0, 1, 0, 0) != batch_seed(1, 1, 0, 0)
 
 
 def test_deterministic_flag_reaches_set_seed_in_pretraining(monkeypatch, capsys):

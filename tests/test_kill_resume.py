@@ -1,10 +1,11 @@
 """No lost work: ``kill -9`` in the middle of an epoch, then ``--resume``, ends exactly where an uninterrupted run
-with the same seed ends (pretraining and meta-training, CPU); Ctrl-C in the meta stage; files written while the
-writer is killed are always a complete old or new version.
+with the same seed ends (pretraining and meta-training, CPU); SIGTERM (how Slurm and Kubernetes stop a job) in
+the middle of a pretraining epoch finishes the batch, saves and exits 143 with the resume command; Ctrl-C in the
+meta stage; files written while the writer is killed are always a complete old or new version.
 
-The killed run is a child process that stops at a chosen training step (a wrapper around ``cross_entropy``
-writes a marker file and sleeps); the test then sends SIGKILL. Everything runs on one CPU thread so that the
-in-process runs and the child compute bit for bit the same.
+The stopped run is a child process that pauses at a chosen training step (a wrapper around ``cross_entropy``
+writes a marker file and waits for a ``.go`` file beside it); the test then sends its signal. Everything runs on
+one CPU thread so that the in-process runs and the child compute bit for bit the same.
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ from utils import REPO_ROOT
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
-# The child: pause at the N-th cross_entropy call (a training step) until killed, else run the entry point.
+# The child: pause at the N-th cross_entropy call (a training step) until <marker>.go exists (or it is killed),
+# else run the entry point. Short sleeps: a signal handler runs between them.
 CHILD = textwrap.dedent("""
-    import runpy, sys, time
+    import os, runpy, sys, time
     import torch.nn.functional as F
     marker, pause_at, script, *argv = sys.argv[1:]
     calls, cross_entropy = [], F.cross_entropy
@@ -41,7 +43,9 @@ CHILD = textwrap.dedent("""
         calls.append(1)
         if len(calls) == int(pause_at):
             open(marker, "w").close()
-            time.sleep(600)
+            deadline = time.monotonic() + 600
+            while not os.path.exists(marker + ".go") and time.monotonic() < deadline:
+                time.sleep(0.05)
         return cross_entropy(*args, **kwargs)
     F.cross_entropy = pausing
     sys.argv = [script, *argv]
@@ -65,8 +69,8 @@ def one_thread():
         yield
 
 
-def kill_at_step(script: str, argv: list[str], step: int, tmp_path: Path) -> None:
-    """Run ``script argv`` in a child process and SIGKILL it while it is in training step ``step``."""
+def paused_at_step(script: str, argv: list[str], step: int, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """Start ``script argv`` in a child process; return it, paused in training step ``step``, and its marker."""
     marker = tmp_path / f"paused-{step}"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(marker), str(step), str(REPO_ROOT / script), *argv],
                              cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -76,6 +80,12 @@ def kill_at_step(script: str, argv: list[str], step: int, tmp_path: Path) -> Non
             child.kill()
             pytest.fail(f"the child never reached step {step}:\n{child.communicate()[0][-3000:]}")
         time.sleep(0.05)
+    return child, marker
+
+
+def kill_at_step(script: str, argv: list[str], step: int, tmp_path: Path) -> None:
+    """Run ``script argv`` in a child process and SIGKILL it while it is in training step ``step``."""
+    child, _ = paused_at_step(script, argv, step, tmp_path)
     os.kill(child.pid, signal.SIGKILL)
     child.wait(timeout=60)
     child.stdout.close()
@@ -116,12 +126,40 @@ def test_pretraining_killed_mid_epoch_resumes_to_the_same_weights(tiny_image_roo
     assert [r["epoch"] for r in log_records(killed)] == [1] and no_temp_files(killed)
 
     assert pre.main(run_pre.parse_args([*flags, "--run_dir", str(killed), "--resume"]))["epochs"] == 2
+    assert_same_pretraining(straight, killed)
+
+
+def assert_same_pretraining(straight: Path, resumed: Path) -> None:
+    """Backbones, classifier and log (timings aside) bit for bit the same."""
     for name in ("last.pth", "max_acc.pth"):
-        assert_same_params(straight / name, killed / name)
-    a, b = load_checkpoint(straight / "last.pth"), load_checkpoint(killed / "last.pth")
+        assert_same_params(straight / name, resumed / name)
+    a, b = load_checkpoint(straight / "last.pth"), load_checkpoint(resumed / "last.pth")
     for key in a["classifier"]:
         assert torch.equal(a["classifier"][key], b["classifier"][key])
-    assert log_records(straight) == log_records(killed)
+    assert log_records(straight) == log_records(resumed)
+
+
+def test_pretraining_sigterm_mid_epoch_saves_the_batch_and_resumes_to_the_same_weights(tiny_image_root, tmp_path):
+    """Conv-4, 2 epochs of 2 batches; SIGTERM arrives in batch 1 of epoch 2: that batch is finished, last.pth
+    written at its end, exit code 143 after the resume command; resuming then matches the uninterrupted run."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    flags = ["--data_root", str(tiny_image_root), *PRE, "--model_type", "conv4"]
+    assert pre.main(run_pre.parse_args([*flags, "--run_dir", str(straight)]))["epochs"] == 2
+
+    child, marker = paused_at_step("run_pre.py", [*flags, "--run_dir", str(stopped)], step=3, tmp_path=tmp_path)
+    os.kill(child.pid, signal.SIGTERM)
+    Path(f"{marker}.go").touch()
+    output, _ = child.communicate(timeout=300)
+    assert child.returncode == 143, output[-3000:]
+    assert "SIGTERM: stopping after this batch" in output and "Traceback" not in output
+    assert "stopped in epoch 2 after batch 1; continue with:" in output
+    assert output.rstrip().endswith(f"--resume --run_dir {stopped}")
+    ckpt = load_checkpoint(stopped / "last.pth")
+    assert (ckpt["epoch"], ckpt["batch"]) == (1, 1)                      # epoch 1 and one batch of epoch 2
+    assert [r["epoch"] for r in log_records(stopped)] == [1] and no_temp_files(stopped)
+
+    assert pre.main(run_pre.parse_args([*flags, "--run_dir", str(stopped), "--resume"]))["epochs"] == 2
+    assert_same_pretraining(straight, stopped)
 
 
 # ------------------------------------------------------------------------------------------ meta stage

@@ -23,7 +23,10 @@ from trainer import extract, pre
 from trainer.checkpoint import load_checkpoint, load_weights
 from trainer.extract import ensure_features
 from trainer.pre import pretrain_lr
+from trainer.pre_flags import build_parser as pretrain_parser
 from utils import REPO_ROOT
+from utils.distributed import Processes
+from utils.interrupt import StopRequest
 
 TINY = ["--device", "cpu", "--pre_batch_size", "2", "--max_train_batches", "1", "--way", "2", "--shot", "1",
         "--val_query", "1", "--val_episodes", "3", "--pre_lr", "0.01"]
@@ -46,7 +49,7 @@ def test_training_loop_follows_the_schedule(tiny_image_root, tmp_path, monkeypat
     assert (defaults.pre_max_epoch, defaults.pre_lr, defaults.pre_gamma, defaults.pre_step_size) == (110, 0.1, 0.2, 30)
     assert (defaults.pre_batch_size, defaults.pre_custom_momentum, defaults.pre_custom_weight_decay) == (128, 0.9, 5e-4)
     args = tiny_args(tiny_image_root, tmp_path, "--pre_lr", "0.1", "--pre_max_epoch", "110")
-    trainer = pre.Pretrainer(args, torch.device("cpu"), pre.Processes())
+    trainer = pre.Pretrainer(args, torch.device("cpu"), Processes())
     seen = []
     monkeypatch.setattr(trainer, "train_epoch",
                         lambda epoch, stop: seen.append(trainer.optimizer.param_groups[0]["lr"]) or True)
@@ -141,11 +144,11 @@ def test_loss_goes_down_when_over_fitting(tmp_path):
         write_split(tmp_path / "mini", split, images, np.array([0, 1]), np.zeros((2, 4), np.float32), ["a", "b"])
     args = tiny_args(tmp_path, tmp_path / "run", "--augment", "none")
     torch.manual_seed(0)
-    trainer = pre.Pretrainer(args, torch.device("cpu"), pre.Processes())
+    trainer = pre.Pretrainer(args, torch.device("cpu"), Processes())
     losses = []
     for epoch in range(1, 5):
         trainer.begin_epoch()
-        trainer.train_epoch(epoch, pre.StopRequest())
+        trainer.train_epoch(epoch, StopRequest())
         losses.append(trainer.epoch_stats()[0])
         trainer.sums, trainer.batch = [0.0, 0.0, 0], 0
     assert losses[-1] < 0.25 * losses[0] and losses[-1] == min(losses), losses
@@ -169,7 +172,7 @@ def test_ddp_on_cpu_with_two_processes(tiny_image_root, tmp_path):
 def test_pre_batch_size_must_split_over_processes(tiny_image_root, tmp_path):
     args = tiny_args(tiny_image_root, tmp_path, "--pre_batch_size", "3")
     with pytest.raises(pre.InputError, match="divisible by the number of processes"):
-        pre.Pretrainer(args, torch.device("cpu"), pre.Processes(rank=0, world_size=2))
+        pre.Pretrainer(args, torch.device("cpu"), Processes(rank=0, world_size=2))
 
 
 def test_entry_script_errors_without_traceback(tmp_path, capsys):
@@ -180,7 +183,7 @@ def test_entry_script_errors_without_traceback(tmp_path, capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("build_parser", [run_pre.build_parser, run_proto.build_parser, extract.build_parser])
+@pytest.mark.parametrize("build_parser", [pretrain_parser, run_proto.build_parser, extract.build_parser])
 def test_every_flag_has_help_and_defaults_inside_choices(build_parser):
     for action in build_parser()._actions:
         if action.dest == "help":

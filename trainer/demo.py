@@ -21,8 +21,8 @@ The run folder::
     <run_dir>/results.csv        trainer.report's CSV: one line per method and shot, every setting
     <run_dir>/results.png        trainer.report's bar chart of the table
 
-Every stage goes through its own script's parser (run_pre.py, run_proto.py, trainer.meta), so it runs with
-that script's defaults except for the flags the demo sets here.
+Every stage is called as a function with its command's defaults (the parsers of trainer.pre_flags and
+trainer.meta; run_proto.py's flags spelled out) except for the flags the demo sets here.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from dataloader.demo import SPLIT_SIZES, ensure_demo_dataset
 from trainer import report
 from trainer.runs import default_run_dir
 from utils import InputError, resolve_device, resolve_path, save_json
+from utils.cli import parser_defaults
 from utils.io import atomic_write
 
 DATASET = "demo"
@@ -106,15 +107,14 @@ class Stages:
 
 
 def pretrain(args: argparse.Namespace, run_dir: Path) -> tuple[Path, float]:
-    """Stage 2: run_pre.py on the demo data; returns the best backbone checkpoint and its validation accuracy."""
-    import run_pre
+    """Stage 2: pretraining on the demo data; returns the best backbone checkpoint and its validation accuracy."""
     from trainer.pre import main as pretrain_main
+    from trainer.pre_flags import build_parser
 
-    pre_args = run_pre.build_parser().parse_args([
-        "--dataset", DATASET, "--data_root", args.data_root, "--model_type", args.model_type,
-        "--pre_max_epoch", str(args.pre_epochs), "--pre_lr", str(args.pre_lr),
-        "--pre_step_size", str(args.pre_step_size), "--val_episodes", str(args.pre_val_episodes),
-        "--seed", str(args.seed), "--device", args.device, "--run_dir", str(run_dir)])
+    pre_args = parser_defaults(
+        build_parser(), dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
+        pre_max_epoch=args.pre_epochs, pre_lr=args.pre_lr, pre_step_size=args.pre_step_size,
+        val_episodes=args.pre_val_episodes, seed=args.seed, device=args.device, run_dir=str(run_dir))
     summary = pretrain_main(pre_args)
     return Path(summary["run_dir"]) / "max_acc.pth", summary["max_acc"]
 
@@ -128,15 +128,15 @@ def extract(args: argparse.Namespace, weights: Path, device: torch.device) -> di
 
 
 def protonet(args: argparse.Namespace, weights: Path, run_dir: Path) -> dict[int, dict]:
-    """Stage 4: run_proto.py on the cached features; returns shot -> {acc, ci95}."""
-    import run_proto
+    """Stage 4: the ProtoNet baseline on the cached features; returns shot -> {acc, ci95}."""
     from trainer.evaluate import proto_baseline
 
-    proto_args = run_proto.build_parser().parse_args([
-        "--dataset", DATASET, "--data_root", args.data_root, "--model_type", args.model_type,
-        "--init_weights", str(weights), "--features", "cache", "--way", str(args.way),
-        "--shot", *map(str, args.shot), "--query", str(args.query), "--episodes", str(args.test_episodes),
-        "--seed", str(args.seed), "--device", args.device, "--run_dir", str(run_dir)])
+    # every flag of run_proto.py, spelled out: library code does not import the entry scripts
+    proto_args = argparse.Namespace(
+        dataset=DATASET, data_root=args.data_root, model_type=args.model_type, init_weights=str(weights),
+        features="cache", split="test", way=args.way, shot=list(args.shot), query=args.query,
+        episodes=args.test_episodes, seed=args.seed, batch_size=256, device=args.device, threads=args.threads,
+        run_dir=str(run_dir))
     result = proto_baseline(proto_args)
     return {shot: result["shots"][str(shot)] for shot in args.shot}
 
@@ -146,14 +146,12 @@ def meta(args: argparse.Namespace, head: str, weights: Path, run_dir: Path) -> d
     from trainer.meta import build_parser
     from trainer.meta import main as meta_main
 
-    meta_args = build_parser().parse_args([
-        "--head", head, "--dataset", DATASET, "--data_root", args.data_root, "--model_type", args.model_type,
-        "--init_weights", str(weights), "--way", str(args.way), "--shot", *map(str, args.shot),
-        "--train_query", str(args.query), "--val_query", str(args.query), "--test_query", str(args.query),
-        "--max_epoch", str(args.max_epoch), "--num_batch", str(args.num_batch),
-        "--val_episodes", str(args.val_episodes), "--test_episodes", str(args.test_episodes),
-        "--inner_state", args.inner_state, "--seed", str(args.seed), "--device", args.device,
-        "--run_dir", str(run_dir)])
+    meta_args = parser_defaults(
+        build_parser(), head=head, dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
+        init_weights=str(weights), way=args.way, shot=list(args.shot), train_query=args.query,
+        val_query=args.query, test_query=args.query, max_epoch=args.max_epoch, num_batch=args.num_batch,
+        val_episodes=args.val_episodes, test_episodes=args.test_episodes, inner_state=args.inner_state,
+        seed=args.seed, device=args.device, run_dir=str(run_dir))
     results = meta_main(meta_args)
     return {r["shot"]: {"acc": r["test_acc"], "ci95": r["test_ci95"], "inner_state": r["inner_state"],
                         "metric": r["metric"], "lamda": r["lamda"], "normalize_input": r["normalize_input"],

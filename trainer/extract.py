@@ -12,7 +12,6 @@ Command (replaces the original ``genfeat.py``, which wrote to ``/data`` and did 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +30,7 @@ from trainer.checkpoint import load_weights
 from trainer.flags import add_data_flags, add_init_weights_flag
 from utils import InputError, resolve_device, resolve_path, save_npz
 from utils.cli import add_device_flags, run_cli
+from utils.runtime import autocast
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,6 @@ log = logging.getLogger(__name__)
 def default_weights(dataset: str, model_type: str) -> Path:
     """Where a pretrained backbone lives by default: ``checkpoints/<dataset>/<model_type>.pth``."""
     return resolve_path("checkpoints") / dataset / f"{model_type}.pth"
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on ``device`` when ``enabled``, else a no-op context."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def extract_features(backbone: nn.Module, images, mean: Sequence[float], std: Sequence[float],

@@ -1,50 +1,41 @@
-"""Pretraining of the backbone (DESIGN A4): a linear classifier over all training classes, cross-entropy.
+"""Pretraining of the backbone: a linear classifier over all training classes, cross-entropy.
 
 Each epoch trains on every training image once (SGD Nesterov, StepLR per epoch), then scores the backbone
 with ProtoNet on fixed validation episodes drawn from the validation features, computed once per epoch.
 The run folder (``trainer.runs.RunFolder``) receives ``config.json``, ``log.jsonl``, ``curves.png``,
 ``max_acc.pth`` (best validation accuracy), ``epoch-<N>.pth`` every 10 epochs and ``last.pth`` every epoch.
 Backbone checkpoints are ``{'params': backbone_state_dict, ...metadata}``: they drop into
-``checkpoints/<dataset>/<model_type>.pth``. ``last.pth`` also holds what ``--resume`` needs.
+``checkpoints/<dataset>/<model_type>.pth``. ``last.pth`` also holds what ``--resume`` needs; Ctrl-C or SIGTERM
+(:mod:`utils.interrupt`) stops the run after the current batch with a ``last.pth`` of that position.
 
-Input pipelines (``--augment``):
-* ``batch``: the uint8 training array is one tensor (on the GPU when it fits, pinned otherwise); each batch
-  is augmented on the device by ``dataloader.batch_augment.train_augment``.
-* ``pil``: the original per-image torchvision transforms on PIL images, in DataLoader workers.
-* ``none``: the eval transform only (no augmentation): for debugging and over-fitting checks.
-All three visit the same images in the same batches: a per-epoch ``DistributedSampler`` permutation,
-sharded across processes under ``torchrun``.
+The flags are :mod:`trainer.pre_flags`'s; the input pipelines (``--augment``) are :mod:`dataloader.pipelines`'.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from dataloader.batch_augment import eval_transform, torchvision_train_transform, train_augment
-from dataloader.datasets import ImageDataset, load_images
+from dataloader.datasets import load_images
+from dataloader.pipelines import DeviceBatches, PilBatches, epoch_batches, to_device_if_it_fits
 from dataloader.sampler import EpisodeSampler
 from dataloader.transforms import normalization
 from models import build_backbone
 from trainer.checkpoint import load_weights, save_checkpoint
 from trainer.evaluate import evaluate_protonet
-from trainer.extract import autocast, extract_features
+from trainer.extract import extract_features
 from trainer.runs import RunFolder, default_run_dir
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
-from utils.runtime import rng_state, set_rng_state
+from utils.distributed import Processes, init_processes
+from utils.interrupt import StopRequest
+from utils.runtime import autocast, flag_on, rng_state, set_rng_state
 
 SAVE_EVERY = 10  # epoch-<N>.pth every this many epochs, as the original
 
@@ -58,157 +49,11 @@ def pretrain_lr(epoch: int, lr: float, gamma: float, step_size: int) -> float:
     return lr * gamma ** (epoch // step_size)
 
 
-# ----------------------------------------------------------------------------------------------- processes
-@dataclass
-class Processes:
-    """Who this process is under ``torchrun`` (rank 0 of 1 without it)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_processes(device: torch.device) -> tuple[Processes, torch.device]:
-    """Join the process group when started by ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set).
-
-    NCCL on CUDA (each process takes GPU ``LOCAL_RANK``), gloo on CPU.
-    """
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Processes(), device
-    procs = Processes(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        device = torch.device("cuda", procs.local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return procs, device
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, procs: Processes,
-                  max_batches: int = 0) -> list[torch.Tensor]:
-    """This process's batches of sample indices for ``epoch``: a DistributedSampler permutation, batched.
-
-    Every process gets the same number of batches (DDP needs it). A last batch of one sample is dropped:
-    BatchNorm cannot train on it.
-
-    Args:
-        batch_size: per process.
-        max_batches: keep only the first ones (0: all).
-    """
-    sampler = DistributedSampler(range(num_samples), num_replicas=procs.world_size, rank=procs.rank,
-                                 shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    batches = list(torch.tensor(list(sampler), dtype=torch.long).split(batch_size))
-    if batches and len(batches[-1]) < 2:
-        batches.pop()
-    return batches[:max_batches] if max_batches > 0 else batches
-
-
-def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
-    """Seed of one batch's augmentation: a pure function of its position, so a resumed epoch redraws it."""
-    return (seed * 1_000_003 + epoch * 10_007 + batch) * 101 + rank
-
-
-class DeviceBatches:
-    """The ``batch`` and ``none`` pipelines: the uint8 training array as one tensor, transformed per batch.
-
-    Args:
-        images: (N, 84, 84, 3) uint8; targets: (N,).
-        augment: ``train_augment`` when True, else ``eval_transform``.
-    """
-
-    def __init__(self, images: np.ndarray, targets: np.ndarray, mean, std, device: torch.device, seed: int,
-                 augment: bool, channels_last: bool):
-        self.images = to_device_if_it_fits(torch.from_numpy(images), device)
-        self.targets = torch.from_numpy(targets).to(self.images.device)
-        self.mean, self.std, self.device, self.seed = mean, std, device, seed
-        self.augment, self.channels_last = augment, channels_last
-
-    def __call__(self, batches: list[torch.Tensor], epoch: int, first: int, rank: int):
-        """Yield (inputs (B, 3, 84, 84) float, labels (B,)) on the device for ``batches[first:]``."""
-        for number, indices in enumerate(batches[first:], start=first):
-            indices = indices.to(self.images.device)
-            # index_select, not images[indices]: advanced indexing is ~20x slower on a CPU (0.46 vs 0.02 ms per 16)
-            images = self.images.index_select(0, indices).to(self.device, non_blocking=True)
-            labels = self.targets[indices].to(self.device, non_blocking=True)
-            if self.augment:
-                generator = torch.Generator(self.device).manual_seed(batch_seed(self.seed, epoch, number, rank))
-                inputs = train_augment(images, self.mean, self.std, generator, channels_last=self.channels_last)
-            else:
-                inputs = eval_transform(images, self.mean, self.std, channels_last=self.channels_last)
-            yield inputs, labels
-
-
-class PilBatches:
-    """The original path: torchvision transforms per PIL image in DataLoader workers (same batches)."""
-
-    def __init__(self, images: np.ndarray, targets: np.ndarray, mean, std, device: torch.device, seed: int,
-                 num_workers: int, channels_last: bool):
-        self.dataset = ImageDataset(images, targets, torchvision_train_transform(mean, std))
-        self.device, self.seed, self.num_workers, self.channels_last = device, seed, num_workers, channels_last
-
-    def __call__(self, batches: list[torch.Tensor], epoch: int, first: int, rank: int):
-        # Workers draw their transform seeds from this generator. A resumed epoch shifts which worker sees
-        # which image, so (unlike the batch path) its augmentations differ from an uninterrupted run.
-        generator = torch.Generator().manual_seed(batch_seed(self.seed, epoch, 0, rank))
-        loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches[first:]],
-                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                            generator=generator, persistent_workers=False)
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for inputs, labels in loader:
-            yield (inputs.to(self.device, non_blocking=True, memory_format=memory_format),
-                   labels.to(self.device, non_blocking=True))
-
-
-def to_device_if_it_fits(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move ``images`` to the GPU when they take under half of its free memory; else pin them (CPU stays)."""
-    if device.type != "cuda":
-        return images
-    free, _ = torch.cuda.mem_get_info(device)
-    if images.numel() * images.element_size() < free // 2:
-        return images.to(device)
-    return images.pin_memory()
-
-
-# ----------------------------------------------------------------------------------------------- RNG states
-# ----------------------------------------------------------------------------------------------- training
-class StopRequest:
-    """Ctrl-C asks the loop to stop after the current batch (then ``last.pth`` is saved); a second one kills."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: stopping after this batch and saving last.pth (Ctrl-C again to abort)", flush=True)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
 class Pretrainer:
     """One pretraining run: model, optimiser, schedule, input pipeline, validation, checkpoints.
 
     Args:
-        args: the ``run_pre.py`` namespace.
+        args: the namespace of :func:`trainer.pre_flags.build_parser`.
         device: the resolved device (``cuda:LOCAL_RANK`` under torchrun on GPUs).
     """
 
@@ -330,12 +175,15 @@ class Pretrainer:
         return complete
 
     def stop_requested(self, stop: StopRequest) -> bool:
+        """Whether any process was asked to stop; each then records the signal (the highest if several)."""
         if not self.procs.distributed:
             return stop.requested
         # every process must stop after the same batch, or DDP would wait forever for the missing ones
-        flag = torch.tensor([float(stop.requested)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        signum = torch.tensor([float(stop.signal or 0)], device=self.device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        if signum.item():
+            stop.request(int(signum.item()))
+        return stop.requested
 
     def epoch_stats(self) -> tuple[float, float]:
         """Mean loss and accuracy of the epoch over every process's images."""
@@ -377,41 +225,35 @@ class Pretrainer:
         return record
 
     def fit(self) -> dict:
-        """Train from ``self.epoch`` to ``--pre_max_epoch``; Ctrl-C saves ``last.pth`` and stops cleanly."""
+        """Train from ``self.epoch`` to ``--pre_max_epoch``; Ctrl-C or SIGTERM saves ``last.pth`` and exits."""
         a = self.args
         # refuse validation episodes the split cannot fill now, not after the first epoch of training
         EpisodeSampler(self.val_targets, a.way, a.shot, a.val_query, a.val_episodes, name=f"{a.dataset} val")
         if self.procs.is_main:
-            self.run = RunFolder(self.run_dir, self.args, resume=self.args.resume)
+            self.run = RunFolder(self.run_dir, a, resume=a.resume)
             self.run.log.truncate_after("epoch", self.epoch)
-        with StopRequest() as stop:
-            for epoch in range(self.epoch + 1, self.args.pre_max_epoch + 1):
+        with StopRequest("this batch", announce=self.procs.is_main) as stop:
+            for epoch in range(self.epoch + 1, a.pre_max_epoch + 1):
                 lr = self.begin_epoch()
                 started = time.perf_counter()
-                complete = self.train_epoch(epoch, stop)
-                if not complete:
+                if not self.train_epoch(epoch, stop):
                     if self.procs.is_main:
                         self.save_last(val_acc=float("nan"))
-                        print(f"stopped in epoch {epoch} after batch {self.batch}; continue with --resume "
-                              f"--run_dir {self.run_dir}", flush=True)
-                    raise SystemExit(130)
+                    stop.exit_for_resume(self.run_dir, f"stopped in epoch {epoch} after batch {self.batch}")
                 self.epoch, self.batch = epoch, 0
-                self.end_epoch(epoch, lr, time.perf_counter() - started, started)
-                if self.stop_requested(stop):
-                    if self.procs.is_main:
-                        print(f"stopped after epoch {epoch}; continue with --resume --run_dir {self.run_dir}")
-                    raise SystemExit(130)
+                self.end_epoch(epoch, lr, time.perf_counter() - started, started)  # writes last.pth
+                if epoch < a.pre_max_epoch and self.stop_requested(stop):
+                    stop.exit_for_resume(self.run_dir, f"stopped after epoch {epoch}")
         return {"run_dir": str(self.run_dir), "max_acc": self.max_acc, "max_acc_epoch": self.max_acc_epoch,
                 "epochs": self.epoch}
 
 
-def flag_on(value: str, device: torch.device) -> bool:
-    """``auto`` -> on for CUDA, off elsewhere; ``on``/``off`` as said."""
-    return device.type == "cuda" if value == "auto" else value == "on"
-
-
 def main(args: argparse.Namespace) -> dict:
-    """Run ``run_pre.py``: pretrain, validate each epoch, write the run folder. Returns the summary."""
+    """Pretrain, validate each epoch, write the run folder; returns the summary (``run_dir``, ``max_acc``, ...).
+
+    Args:
+        args: the flags of :mod:`trainer.pre_flags`; from code, ``utils.cli.parser_defaults(build_parser(), ...)``.
+    """
     device = resolve_device(args.device, args.threads)
     procs, device = init_processes(device)
     try:

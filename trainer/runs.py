@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.io import JsonlLog, save_json
+from utils.io import JsonlLog, ensure_folder, save_json
 from utils.runtime import git_commit, resolve_path
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,7 @@ class RunFolder:
     """
 
     def __init__(self, run_dir: str | Path, config: argparse.Namespace | dict | None = None, resume: bool = False):
-        self.path = resolve_path(run_dir)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = ensure_folder(resolve_path(run_dir))
         if config is not None:
             config = dict(vars(config)) if isinstance(config, argparse.Namespace) else dict(config)
             save_json(self.path / "config.json", {

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from utils.io import InputError
+from utils.io import InputError, SaveError
 
 
 THREADS_HELP = ("PyTorch CPU threads (0: PyTorch's default, one per core; default here %(default)s). On a CPU "
@@ -24,8 +24,29 @@ def add_device_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     parser.add_argument("--threads", type=int, default=threads, help=THREADS_HELP)
 
 
+# Exit codes of the entry scripts besides 0 and the signal codes (130 Ctrl-C, 143 SIGTERM: utils.interrupt).
+EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, EXIT_CANNOT_SAVE = 2, 3, 4
+
+
+def parser_defaults(parser: argparse.ArgumentParser, **overrides) -> argparse.Namespace:
+    """The namespace of ``parser`` with every flag at its default, then ``overrides`` (flag dests) set.
+
+    How library code runs a stage as a function with its command's defaults, without building a command line.
+    """
+    args = parser.parse_args([])
+    unknown = sorted(set(overrides) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"parser_defaults: {parser.prog} has no flag(s) {unknown}")
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
 def run_cli(main: Callable, args, batch_flag: str = "the batch size") -> None:
-    """Call ``main(args)``; print ``error: ...`` and exit 2 on bad input, 3 when the GPU runs out of memory.
+    """Call ``main(args)``; user errors become one ``error: ...`` line on stderr and an exit code, no traceback.
+
+    Exit codes: 2 bad input (:class:`InputError`), 3 the GPU ran out of memory, 4 a file could not be written
+    (:class:`SaveError`: disk full, quota, permission; the file's previous version is kept).
 
     Args:
         batch_flag: the flag that controls memory use, named in the out-of-memory advice.
@@ -33,10 +54,13 @@ def run_cli(main: Callable, args, batch_flag: str = "the batch size") -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         main(args)
+    except SaveError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_CANNOT_SAVE)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     except torch.cuda.OutOfMemoryError as err:
         print(f"error: the GPU ran out of memory ({str(err).splitlines()[0]}). Lower {batch_flag}, or free the "
               f"GPU (nvidia-smi shows who holds it).", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(EXIT_OUT_OF_MEMORY)

@@ -2,7 +2,8 @@
 
 Every file the project writes goes through :func:`atomic_write`: the content goes to a temporary file in
 the same folder, is flushed to disk, then ``os.replace`` swaps it in. A crash or ``kill -9`` at any moment
-leaves either the previous complete file or the new complete one.
+leaves either the previous complete file or the new complete one. A write that fails (a full disk, no
+permission) raises :class:`SaveError` naming the file and the cause, after removing the temporary file.
 """
 from __future__ import annotations
 
@@ -29,22 +30,53 @@ class InputError(ValueError):
     """
 
 
+class SaveError(InputError):
+    """A file could not be written (disk full, quota, permission): the previous version of it is unchanged.
+
+    Entry scripts print it as one ``error:`` line and exit with code 4 (:func:`utils.cli.run_cli`).
+    """
+
+    @classmethod
+    def from_os_error(cls, path: str | os.PathLike, err: OSError) -> SaveError:
+        cause = err.strerror or str(err) or type(err).__name__
+        return cls(f"cannot write {path}: {cause}; its previous version, if any, is unchanged. Free space "
+                   f"(or write elsewhere) and run again.")
+
+
+def ensure_folder(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` (and its parents) if needed; :class:`SaveError` when that is impossible."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SaveError.from_os_error(path, err) from err
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary file beside ``path``; on a clean exit fsync it and rename it over ``path``."""
+    """Open a temporary file beside ``path``; on a clean exit fsync it and rename it over ``path``.
+
+    Raises:
+        SaveError: any ``OSError`` while writing (the temporary file is removed, ``path`` left as it was).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_folder(path.parent)
+    tmp = None
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions instead
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode) as f:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions instead
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise SaveError.from_os_error(path, err) from err
         raise
 
 

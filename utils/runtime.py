@@ -1,6 +1,8 @@
-"""The one place that decides the device, seeds every generator, and resolves paths."""
+"""The one place that decides the device (and the speed switches derived from it), seeds every generator, and
+resolves paths."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -36,6 +38,18 @@ def resolve_device(name: str = "auto", threads: int = 0) -> torch.device:
         from utils.io import InputError
         raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto.")
     return device
+
+
+def flag_on(value: str, device: torch.device) -> bool:
+    """An ``auto``/``on``/``off`` flag (``--amp``, ``--channels_last``): ``auto`` is on for CUDA, off elsewhere."""
+    return device.type == "cuda" if value == "auto" else value == "on"
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` when ``enabled``, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:
