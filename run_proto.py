@@ -10,49 +10,15 @@ With ``--finetune``, the release's ProtoNet phase instead: episodic fine-tuning 
     python run_proto.py --finetune --dataset mini --model_type res12 --run_dir runs/proto_ft_mini
     python run_proto.py --finetune --dataset mini --model_type res12 --run_dir runs/proto_ft_mini --resume
 """
-import argparse
+from trainer.proto_flags import build_parser
 
-from dataloader.datasets import SPLITS
-from trainer.flags import (add_data_flags, add_episode_flags, add_episodic_training_flags, add_init_weights_flag,
-                           add_run_flags, add_speed_flags)
-from utils.cli import add_device_flags
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add_data_flags(parser)
-    add_init_weights_flag(parser, "to evaluate, or to start from with --finetune")
-    add("--features", default="cache", choices=["cache", "fresh"],
-        help="cache: data/<dataset>/<model_type>/feat-<split>.npz, extracted from --init_weights when missing; "
-             "fresh: extract the split from --init_weights in memory, leaving the cache alone (unused by "
-             "--finetune, which always computes its features)")
-    add("--split", default="test", choices=SPLITS, help="split to evaluate")
-    add_episode_flags(parser, shot_help="support images per class (one result each; with --finetune one run each, "
-                                        "in shot<K>/ when several)")
-    add("--query", type=int, default=15, help="query images per class of the test episodes")
-    add("--episodes", type=int, default=600, help="test episodes")
-    add("--batch_size", type=int, default=256, help="images per forward pass when extracting features")
-    add_device_flags(parser)
-    add_run_flags(parser, run_dir="runs/proto_<dataset>_<model>-<time>; with --finetune "
-                                  "runs/proto_finetune_<dataset>_<model>-<time>",
-                  seed=1, seed_help="seed of the (fixed) test episodes; with --finetune also of the training and "
-                                    "validation episodes", deterministic=False)
-    # the release's ProtoNet phase: episodic fine-tuning of the backbone (its run script's values)
-    tune = parser.add_argument_group("episodic fine-tuning (--finetune)")
-    tune.add_argument("--finetune", action="store_true",
-                      help="fine-tune the backbone on ProtoNet episodes before testing (the release's ProtoNet "
-                           "phase); without it the backbone is evaluated as it is")
-    add_episodic_training_flags(tune, trained="the backbone (no weight decay)", max_epoch=100)
-    add_speed_flags(tune)
-    tune.add_argument("--resume", action="store_true",
-                      help="continue an interrupted fine-tuning from the last.pth in --run_dir (shot<K>/last.pth "
-                           "with several shots); the same flags as the interrupted run")
-    return parser
+parser = build_parser(__doc__)
+# The release's values are build_parser()'s defaults; add any flag here to change it for good,
+# e.g. parser.set_defaults(dataset="tiered").
+parser.set_defaults()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
+def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resume and not args.finetune:
         parser.error("--resume continues a --finetune run; the baseline has nothing to resume")

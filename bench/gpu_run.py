@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
+# the raw-data folder the real-data tests read (TASNET_DATA; see README, Tests)
+SHARED = Path(os.environ.get("TASNET_DATA", REPO.parent / "shared" / "data"))
 GLOVE = Path("glove") / "glove.6B.50d.subset.txt"
 GROUPS = {"tests": ["env", "tests"], "bench": ["bench_meta", "bench_pretrain"],
           "meta": [f"meta_{state}_{head}_{setting}" for state in ("reset", "carry") for head in ("fusion", "concat")
@@ -85,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
              "that every step runs")
     add("--python", default=sys.executable, help="the interpreter for every step")
     add("--pack", metavar="TAR", default="",
-        help="make the --data tar from ../shared/data (mini-imagenet/ and the GloVe file) and exit")
+        help="make the --data tar from $TASNET_DATA (mini-imagenet/ and the GloVe file) and exit")
     return parser.parse_args(argv)
 
 

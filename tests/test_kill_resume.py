@@ -216,8 +216,11 @@ def test_meta_training_killed_mid_epoch_resumes_to_the_same_test_accuracy(meta_r
     assert_same_meta_run(straight, killed, result)
 
 
-def test_meta_ctrl_c_exits_cleanly_and_resumes(meta_root, meta_straight, tmp_path, monkeypatch, capsys):
-    """Ctrl-C in epoch 2: exit code 130, a hint to resume, no traceback; the resumed run equals the straight one."""
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_meta_ctrl_c_or_sigterm_exits_cleanly_and_resumes(meta_root, meta_straight, tmp_path, monkeypatch, capsys,
+                                                          signum, code):
+    """Ctrl-C or SIGTERM in epoch 2: the episode finishes, exit code 130 / 143, the resume command, no traceback;
+    the resumed run equals the straight one."""
     straight, result = meta_straight
     run_dir = tmp_path / "interrupted"
     cross_entropy, calls = meta.F.cross_entropy, []
@@ -225,14 +228,14 @@ def test_meta_ctrl_c_exits_cleanly_and_resumes(meta_root, meta_straight, tmp_pat
     def interrupt_in_epoch_2(*args, **kwargs):
         calls.append(1)
         if len(calls) == 6:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)             # the episode finishes, then the run stops
         return cross_entropy(*args, **kwargs)
 
     monkeypatch.setattr(meta.F, "cross_entropy", interrupt_in_epoch_2)
-    assert fusion(meta_root, run_dir) == 130
+    assert fusion(meta_root, run_dir) == code
     err = capsys.readouterr().err
-    assert "interrupted in epoch 2 (epoch 1 is the last complete one); continue with --resume --run_dir" in err
-    assert "Traceback" not in err
+    assert "stopped in epoch 2 (epoch 1 is the last complete one); continue with:" in err
+    assert f"--resume --run_dir {run_dir}" in err and "Traceback" not in err
     monkeypatch.setattr(meta.F, "cross_entropy", cross_entropy)
     assert fusion(meta_root, run_dir, "--resume") == 0
     assert_same_meta_run(straight, run_dir, result)

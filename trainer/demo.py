@@ -21,8 +21,8 @@ The run folder::
     <run_dir>/results.csv        trainer.report's CSV: one line per method and shot, every setting
     <run_dir>/results.png        trainer.report's bar chart of the table
 
-Every stage is called as a function with its command's defaults (the parsers of trainer.pre_flags and
-trainer.meta; run_proto.py's flags spelled out) except for the flags the demo sets here.
+Every stage is called as a function with its command's defaults (the parsers of trainer.pre_flags,
+trainer.proto_flags and trainer.meta_config) except for the flags the demo sets here.
 """
 from __future__ import annotations
 
@@ -130,12 +130,12 @@ def extract(args: argparse.Namespace, weights: Path, device: torch.device) -> di
 def protonet(args: argparse.Namespace, weights: Path, run_dir: Path) -> dict[int, dict]:
     """Stage 4: the ProtoNet baseline on the cached features; returns shot -> {acc, ci95}."""
     from trainer.evaluate import proto_baseline
+    from trainer.proto_flags import build_parser
 
-    # every flag of run_proto.py, spelled out: library code does not import the entry scripts
-    proto_args = argparse.Namespace(
-        dataset=DATASET, data_root=args.data_root, model_type=args.model_type, init_weights=str(weights),
-        features="cache", split="test", way=args.way, shot=list(args.shot), query=args.query,
-        episodes=args.test_episodes, seed=args.seed, batch_size=256, device=args.device, threads=args.threads,
+    proto_args = parser_defaults(
+        build_parser(), dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
+        init_weights=str(weights), way=args.way, shot=list(args.shot), query=args.query,
+        episodes=args.test_episodes, seed=args.seed, device=args.device, threads=args.threads,
         run_dir=str(run_dir))
     result = proto_baseline(proto_args)
     return {shot: result["shots"][str(shot)] for shot in args.shot}
@@ -143,8 +143,8 @@ def protonet(args: argparse.Namespace, weights: Path, run_dir: Path) -> dict[int
 
 def meta(args: argparse.Namespace, head: str, weights: Path, run_dir: Path) -> dict[int, dict]:
     """Stages 5 and 6: the meta stage with ``head`` for every shot; returns shot -> {acc, ci95, ...}."""
-    from trainer.meta import build_parser
     from trainer.meta import main as meta_main
+    from trainer.meta_config import build_parser
 
     meta_args = parser_defaults(
         build_parser(), head=head, dataset=DATASET, data_root=args.data_root, model_type=args.model_type,

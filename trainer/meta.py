@@ -23,7 +23,6 @@ Behaviour of the original release kept on purpose (docs/release.md), each with a
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from trainer.meta_config import MetaConfig, build_parser  # noqa: F401  (build_p
 from trainer.runs import RunFolder, default_run_dir
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
 from utils.cli import run_cli
+from utils.interrupt import StopRequest
 from utils.runtime import rng_state, set_rng_state
 
 # Offsets that give the training, validation and test episodes their own streams from one --seed; the test
@@ -107,8 +107,9 @@ def evaluate(model: TasNet, split: FeatureSplit, indices: torch.Tensor, config: 
 
 
 def train_epoch(model: TasNet, optimizer: torch.optim.Optimizer, split: FeatureSplit, indices: torch.Tensor,
-                config: MetaConfig, query: int) -> tuple[float, float]:
-    """One outer step per episode; returns the mean query loss and accuracy over the epoch's episodes."""
+                config: MetaConfig, query: int, stop: StopRequest | None = None) -> tuple[float, float] | None:
+    """One outer step per episode; returns the mean query loss and accuracy over the epoch's episodes, or None
+    when ``stop`` was requested before the last episode."""
     model.train()
     losses, accuracies = [], []
     for chunk in indices.split(config.episode_batch):
@@ -124,6 +125,8 @@ def train_epoch(model: TasNet, optimizer: torch.optim.Optimizer, split: FeatureS
             optimizer.step()
             losses.append(loss.detach())
             accuracies.append(episode_accuracy(logits.detach(), batch.query_labels))
+            if stop is not None and stop.requested and len(losses) < len(indices):
+                return None
     return float(torch.stack(losses).mean()), float(torch.stack(accuracies).mean())
 
 
@@ -158,9 +161,11 @@ class MetaRun:
     """Training and testing of one shot setting in its run folder."""
 
     def __init__(self, config: MetaConfig, splits: dict[str, FeatureSplit], run_dir: Path, device: torch.device,
-                 resume: bool = False, sources: dict | None = None):
-        """``sources``: where the inputs came from (data root, checkpoints), recorded in config.json."""
+                 resume: bool = False, sources: dict | None = None, resume_dir: Path | None = None):
+        """``sources``: where the inputs came from (data root, checkpoints), recorded in config.json;
+        ``resume_dir``: the --run_dir that continues this run (``run_dir`` itself, or its parent for shot<K>/)."""
         self.config, self.splits, self.device, self.resume = config, splits, device, resume
+        self.resume_dir = resume_dir or run_dir
         any_split = next(iter(splits.values()))
         self.feature_dim, self.semantic_dim = any_split.features.shape[1], any_split.class_vectors.shape[1]
         self.run = RunFolder(run_dir, {**config.flags(), **(sources or {}), "device": str(device),
@@ -193,28 +198,34 @@ class MetaRun:
         best_acc, best_epoch, first_epoch = -1.0, 0, 1
         if self.resume:
             best_acc, best_epoch, first_epoch = self.restore(model, optimizer, generator)
-        try:
+        with StopRequest("this episode") as stop:
             for epoch in range(first_epoch, config.max_epoch + 1):
-                best_acc, best_epoch = self.train_one_epoch(epoch, model, optimizer, sampler, generator, val_indices,
-                                                            best_acc, best_epoch)
-        except KeyboardInterrupt:
-            done = f"epoch {epoch - 1} is the last complete one" if self.last.is_file() else "no epoch completed"
-            print(f"\ninterrupted in epoch {epoch} ({done}); continue with --resume --run_dir {self.run.path}",
-                  file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
+                progress = self.train_one_epoch(epoch, model, optimizer, sampler, generator, val_indices, best_acc,
+                                                best_epoch, stop)
+                if progress is None:
+                    # last.pth holds the previous epoch; this one is redone identically on --resume
+                    done = f"epoch {epoch - 1} is the last complete one" if self.last.is_file() else "no epoch completed"
+                    stop.exit_for_resume(self.resume_dir, f"stopped in epoch {epoch} ({done})")
+                best_acc, best_epoch = progress
+                if stop.requested:
+                    stop.exit_for_resume(self.resume_dir, f"stopped after epoch {epoch}")
         return best_acc, best_epoch
 
     def train_one_epoch(self, epoch: int, model: TasNet, optimizer: torch.optim.Optimizer, sampler: EpisodeSampler,
-                        generator: torch.Generator, val_indices: torch.Tensor, best_acc: float,
-                        best_epoch: int) -> tuple[float, int]:
-        """Train, validate, keep the best model, log; then ``last.pth``. Returns the best accuracy and epoch."""
+                        generator: torch.Generator, val_indices: torch.Tensor, best_acc: float, best_epoch: int,
+                        stop: StopRequest | None = None) -> tuple[float, int] | None:
+        """Train, validate, keep the best model, log; then ``last.pth``. Returns the best accuracy and epoch, or
+        None when a stop request ended the training episodes early (nothing of the epoch is saved)."""
         config = self.config
         lr = config.outer_lr(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
         indices = sampler.sample(config.num_batch, generator).to(self.device)
-        loss, acc = train_epoch(model, optimizer, self.splits["train"], indices, config, config.train_query)
+        trained = train_epoch(model, optimizer, self.splits["train"], indices, config, config.train_query, stop)
+        if trained is None:
+            return None
+        loss, acc = trained
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
         val_acc, val_ci = mean_ci95(evaluate(model, self.splits["val"], val_indices, config,
@@ -324,7 +335,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         set_seed(config.seed, args.deterministic)
         folder = run_dir if len(configs) == 1 else run_dir / f"shot{config.shot}"
         sources = {key: getattr(args, key) for key in ("data_root", "init_weights", "eval_weights")}
-        run = MetaRun(config, splits, folder, device, resume=args.resume, sources=sources)
+        run = MetaRun(config, splits, folder, device, resume=args.resume, sources=sources, resume_dir=run_dir)
         if training:
             run.train()
         results.append(run.test(run.checkpoint if training else resolve_path(args.eval_weights)))
@@ -333,7 +344,8 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 def cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Entry point of the run scripts: parse and run; returns the exit code (:func:`utils.cli.run_cli`: bad input
-    2 with ``error: ...`` and no traceback, GPU out of memory 3 naming --episode_batch, Ctrl-C 130)."""
+    2 with ``error: ...`` and no traceback, GPU out of memory 3 naming --episode_batch, a file that cannot be
+    saved 4; stopped by Ctrl-C 130 or SIGTERM 143, with the --resume command printed)."""
     args = parser.parse_args(argv)
     try:
         run_cli(main, args, batch_flag="--episode_batch")

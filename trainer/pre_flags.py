@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from dataloader.datasets import DATASETS
-from models import BACKBONES
+from trainer.flags import add_data_flags, add_pretraining_flags, add_run_flags, add_speed_flags
 from utils.cli import add_device_flags
 
 
@@ -19,18 +18,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description or __doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    # data and model
-    add("--dataset", default="mini", choices=DATASETS, help="prepared dataset under --data_root")
-    add("--model_type", default="res12", choices=sorted(BACKBONES), help="backbone to pretrain")
-    add("--data_root", default="data", help="folder holding <dataset>/few-shot-*.npz (relative to the repo)")
-    # the original recipe
-    add("--pre_max_epoch", type=int, default=110, help="epochs")
-    add("--pre_batch_size", type=int, default=128, help="images per step, over all processes together")
-    add("--pre_lr", type=float, default=0.1, help="initial learning rate")
-    add("--pre_gamma", type=float, default=0.2, help="StepLR factor")
-    add("--pre_step_size", type=int, default=30, help="StepLR period in epochs (stepped at each epoch start)")
-    add("--pre_custom_momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
-    add("--pre_custom_weight_decay", type=float, default=5e-4, help="SGD weight decay")
+    add_data_flags(parser, model_help="backbone to pretrain", data_root_help="folder holding <dataset>/few-shot-*.npz")
+    add_pretraining_flags(parser)
     # validation: ProtoNet episodes on the validation features
     add("--way", type=int, default=5, help="classes per validation episode")
     add("--shot", "--val_shot", dest="shot", type=int, default=1, help="support images per class")
@@ -44,17 +33,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
              "DataLoader workers; none: no augmentation (eval transform), for debugging")
     add("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers (pil path)")
     add("--max_train_batches", type=int, default=0, help="cap on training batches per epoch (0: no cap)")
-    add("--amp", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on for CUDA)")
-    add("--channels_last", default="auto", choices=["auto", "on", "off"],
-        help="channels_last memory format (auto: on for CUDA)")
+    add_speed_flags(parser)
     add("--compile", action="store_true", help="torch.compile the model")
     # run
     add_device_flags(parser, "auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    add("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
-    add("--deterministic", action="store_true",
-        help="torch.use_deterministic_algorithms and no cuDNN benchmarking: repeatable CUDA runs, slower "
-             "(CPU runs repeat without it)")
-    add("--run_dir", default=None, help="run folder (default runs/pre_<dataset>_<model_type>-<time>)")
-    add("--resume", action="store_true",
-        help="continue from <run_dir>/last.pth, written after every epoch and when Ctrl-C or SIGTERM stops the run")
+    add_run_flags(parser, run_dir="runs/pre_<dataset>_<model_type>-<time>", seed=0,
+                  seed_help="seeds initialisation, data order and augmentation",
+                  resume_help="continue from <run_dir>/last.pth, written after every epoch and when Ctrl-C or "
+                              "SIGTERM stops the run")
     return parser

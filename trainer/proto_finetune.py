@@ -46,12 +46,14 @@ from dataloader.transforms import normalization
 from models import build_backbone
 from trainer.checkpoint import load_weights, save_checkpoint
 from trainer.evaluate import episode_accuracy, episode_indices, protonet_logits
-from trainer.extract import autocast, default_weights, extract_features
+from dataloader.pipelines import batch_seed, to_device_if_it_fits
+from trainer.extract import default_weights, extract_features
 from trainer.meta import TRAIN_SEED_OFFSET, VAL_SEED_OFFSET
-from trainer.pre import StopRequest, batch_seed, flag_on, pretrain_lr, to_device_if_it_fits
+from trainer.pre import pretrain_lr
 from trainer.runs import RunFolder, default_run_dir
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
-from utils.runtime import rng_state, set_rng_state
+from utils.interrupt import StopRequest
+from utils.runtime import autocast, flag_on, rng_state, set_rng_state
 
 METHOD = "protonet_finetune"
 # episodes scored per batched distance computation (see trainer.evaluate)
@@ -212,7 +214,7 @@ class FinetuneRun:
                                       a.seed + VAL_SEED_OFFSET, name=f"{a.dataset} val")
         if a.resume:
             self.restore()
-        with StopRequest() as stop:
+        with StopRequest("this episode") as stop:
             for epoch in range(self.epoch + 1, a.max_epoch + 1):
                 lr = pretrain_lr(epoch, a.vlr, a.gamma, a.step_size)
                 for group in self.optimizer.param_groups:
@@ -220,13 +222,10 @@ class FinetuneRun:
                 started = time.perf_counter()
                 if not self.train_epoch(epoch, sampler, stop):
                     self.save_last(val_acc=float("nan"))
-                    print(f"stopped in epoch {epoch} after episode {self.episode}; continue with --resume "
-                          f"--run_dir {a.run_dir}", flush=True)
-                    raise SystemExit(130)
+                    stop.exit_for_resume(a.run_dir, f"stopped in epoch {epoch} after episode {self.episode}")
                 self.end_epoch(epoch, lr, time.perf_counter() - started, val_indices)
                 if stop.requested:
-                    print(f"stopped after epoch {epoch}; continue with --resume --run_dir {a.run_dir}", flush=True)
-                    raise SystemExit(130)
+                    stop.exit_for_resume(a.run_dir, f"stopped after epoch {epoch}")
         return self.best_acc, self.best_epoch
 
     def train_epoch(self, epoch: int, sampler: EpisodeSampler, stop: StopRequest) -> bool:
