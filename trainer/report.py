@@ -416,15 +416,18 @@ def plot(rows: Sequence[Row], path: Path) -> None:
 
 
 def report(folders: Sequence[str | Path], out: str | Path | None = None) -> tuple[list[Row], str]:
-    """Collect the results under ``folders``; write results.csv and results.png into ``out`` (default: the
-    first folder). Returns the rows and the Markdown table."""
+    """Collect the results under ``folders``; write results.md, results.csv and results.png into ``out``
+    (default: the first folder). Returns the rows and the Markdown table."""
     rows = collect(folders)
     out_dir = resolve_path(out if out is not None else folders[0])
     if out_dir.is_file():
         raise InputError(f"--out {out_dir}: a file, not a folder; pass a folder for results.csv and results.png.")
+    table = markdown(rows)
+    with atomic_write(out_dir / "results.md", "w") as f:
+        f.write(table + "\n")
     write_csv(rows, out_dir / "results.csv")
     plot(rows, out_dir / "results.png")
-    return rows, markdown(rows)
+    return rows, table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folders searched recursively for result.json (relative paths are taken from the "
                              "repository); a result.json file itself is accepted too")
     parser.add_argument("--out", default=None,
-                        help="folder for results.csv and results.png (default: the first RUN_DIR)")
+                        help="folder for results.md, results.csv and results.png (default: the first RUN_DIR)")
     return parser
 
 
@@ -442,7 +445,7 @@ def report_command(args: argparse.Namespace) -> None:
     _, table = report(args.run_dirs, args.out)
     out_dir = resolve_path(args.out if args.out is not None else args.run_dirs[0])
     print(table)
-    print(f"\nwrote {out_dir / 'results.csv'} and {out_dir / 'results.png'}")
+    print(f"\nwrote results.md, results.csv and results.png into {out_dir}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
