@@ -12,7 +12,8 @@ Edit the defaults below to change the runs for good.
 """
 import sys
 
-from trainer.meta import build_parser, cli
+from trainer.meta import cli
+from trainer.meta_config import build_parser
 
 parser = build_parser(__doc__)
 # The defaults both heads share (dataset mini, --shot 1 5, way 5, --gradlr 0.01, 10 epochs x 100

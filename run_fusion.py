@@ -10,7 +10,8 @@ checkpoints/<dataset>/<model_type>.pth) when missing. Every flag: python run_fus
 """
 import sys
 
-from trainer.meta import build_parser, cli
+from trainer.meta import cli
+from trainer.meta_config import build_parser
 
 parser = build_parser(__doc__)
 # The defaults both heads share (dataset mini, --shot 1 5, way 5, --gradlr 0.01, 10 epochs x 100

@@ -46,7 +46,8 @@ from dataloader.datasets import FeatureSplit
 from dataloader.sampler import EpisodeSampler, episode_labels
 from models.inner_loop import INNER_STATES, plain_fit_regressor, semantic_queries
 from trainer.evaluate import episode_indices
-from trainer.meta import MetaConfig, build_model, build_parser, evaluate, gather_episodes, train_epoch
+from trainer.meta import build_model, evaluate, gather_episodes, train_epoch
+from trainer.meta_config import MetaConfig, build_parser
 
 FEATURE_DIM = 640
 WAY, QUERY = 5, 15  # the run scripts' episodes: 5-way, 15 queries per class in every phase

@@ -53,6 +53,7 @@ def test_state_dict_matches_the_original(reference_dir, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_seeded_forward_reproduces_the_original(reference_dir, name):
     reference_entries(reference_dir, name)
     ref = np.load(reference_dir / f"{name}_forward.npz")
@@ -66,6 +67,7 @@ def test_seeded_forward_reproduces_the_original(reference_dir, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_fixed_pool_refuses_other_sizes_and_adaptive_accepts_them(name):
     torch.manual_seed(0)
     fixed = build_backbone(name).eval()

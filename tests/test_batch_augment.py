@@ -178,6 +178,7 @@ def image_statistics(pixels: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("full_pipeline", [False, True])
+@pytest.mark.slow
 def test_augmented_statistics_match_torchvision_pil_path(full_pipeline):
     """Same inputs, many draws: the output statistics follow the distributions of torchvision's PIL path.
 
@@ -268,6 +269,7 @@ def test_downscaling_crops_take_the_dense_path(height, width, out_size):
     assert_matches_torchvision(dense, images, boxes, flip)
 
 
+@pytest.mark.slow
 def test_chunks_and_reused_buffers_do_not_change_results(monkeypatch):
     """On a CPU the batch goes in parts through reused buffers: the results equal one pass over the whole batch,
     whatever ran before, and returned tensors never share the reused memory."""

@@ -70,6 +70,7 @@ def test_meta_bench_quick(run_script):
         assert accuracy[("ours", head, "test")] == pytest.approx(accuracy[("reference", head, "eval")], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_meta_bench_threads_apply_to_ours_and_the_reference(run_script):
     """--threads 2 runs reset mode's chunks on two workers; --ref_threads 1 times the reference on one thread."""
     record = run_script("meta", "--quick", "--device", "cpu", "--threads", "2", "--ref_threads", "1",
@@ -78,6 +79,7 @@ def test_meta_bench_threads_apply_to_ours_and_the_reference(run_script):
     assert record["threads"] == 2 and record["config"]["ref_threads"] == 1
 
 
+@pytest.mark.slow
 def test_pretrain_bench_quick(run_script):
     record = run_script("pretrain", "--quick", "--device", "cpu", "--threads", "1")
     assert record["bench"] == "pretrain" and record["device"] == "cpu"

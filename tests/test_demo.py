@@ -32,6 +32,7 @@ def quick_demo(tmp_path_factory) -> tuple[Path, Path, str]:
     return run_dir, data_root, proc.stdout
 
 
+@pytest.mark.slow
 def test_quick_demo_leaves_every_stage_file(quick_demo):
     run_dir, data_root, _ = quick_demo
     data = data_root / demo.QUICK_SUBFOLDER / "demo"
@@ -47,6 +48,7 @@ def test_quick_demo_leaves_every_stage_file(quick_demo):
     assert not missing, f"stages left no {missing}"
 
 
+@pytest.mark.slow
 def test_quick_demo_accuracies_are_finite_and_above_chance(quick_demo):
     run_dir, _, stdout = quick_demo
     results = json.loads((run_dir / "results.json").read_text())
@@ -67,13 +69,6 @@ def test_quick_demo_accuracies_are_finite_and_above_chance(quick_demo):
     for method in ("protonet", "tasnet_fusion", "tasnet_concat"):
         assert f"| {report.METHOD_NAMES[method]} |" in stdout
     assert "inner_state reset" in stdout or "inner_state carry" in stdout
-
-
-def test_run_demo_defaults_lie_inside_their_choices():
-    parser = run_demo.build_parser()
-    for action in parser._actions:
-        if action.choices is not None and action.default is not None:
-            assert action.default in action.choices, action.dest
 
 
 def test_quick_settings_leave_the_arguments_alone():

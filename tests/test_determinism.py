@@ -46,6 +46,7 @@ def fusion(root: Path, run_dir: Path, *flags: str) -> tuple[dict, dict]:
     return json.loads((run_dir / "result.json").read_text()), load_checkpoint(run_dir / "max_acc.pth")["params"]
 
 
+@pytest.mark.slow
 def test_meta_stage_repeats_itself_for_one_seed(root, tmp_path, restore_deterministic_mode):
     result, params = fusion(root, tmp_path / "a", "--seed", "3")
     again, params_again = fusion(root, tmp_path / "b", "--seed", "3", "--deterministic")

@@ -61,6 +61,7 @@ def test_fixed_episodes_and_accuracy():
     assert accs == evaluate_protonet(noisy, targets, way=5, shot=1, query=15, episodes=50, seed=3)
 
 
+@pytest.mark.slow
 def test_cached_features_give_the_per_episode_accuracies(tiny_image_root):
     """Validation on features computed once == the original's forwarding of each episode, same episodes."""
     torch.manual_seed(0)

@@ -32,6 +32,7 @@ def data_root(tiny_image_root, tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_batched_features_equal_one_at_a_time(backbone, tiny_image_root):
     images, _ = load_images(tiny_image_root, "mini", "val")
     backbone.train()
@@ -42,6 +43,7 @@ def test_batched_features_equal_one_at_a_time(backbone, tiny_image_root):
     assert backbone.training, "the caller's train mode must be restored"
 
 
+@pytest.mark.slow
 def test_ensure_features_writes_every_split_once(backbone, data_root, tmp_path, monkeypatch):
     weights = tmp_path / "res12.pth"
     save_checkpoint(weights, backbone.state_dict(), kind="backbone", model_type="res12")
@@ -73,6 +75,7 @@ def mismatched_checkpoints(backbone, tmp_path):
     return {name: tmp_path / f"{name}.pth" for name in cases}
 
 
+@pytest.mark.slow
 def test_unfit_checkpoints_are_refused_before_writing(backbone, data_root, tmp_path, capsys):
     expected = {"missing": "1 missing: layer4.0.conv3.weight", "resized": "of another shape",
                 "meta": "this is a meta checkpoint", "wrn28": "does not fit ResNet12"}
@@ -88,6 +91,7 @@ def test_unfit_checkpoints_are_refused_before_writing(backbone, data_root, tmp_p
     assert not any(feature_path(data_root, "mini", "res12", s).exists() for s in SPLITS)
 
 
+@pytest.mark.slow
 def test_extract_command(backbone, data_root, tmp_path, capsys):
     weights = tmp_path / "ckpt.pth"
     # the original's whole-model format: backbone under `encoder.`, plus the classifier

@@ -1,6 +1,7 @@
 """bench/gpu_run.py, the GPU machine's one call, runs every step at its dry size on the CPU (synthetic cut)."""
 from __future__ import annotations
 
+import pytest
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import tarfile
 from utils import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_gpu_run_dry_runs_every_step(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gpu_run.py"), "--dry", "--out", str(out),

@@ -114,6 +114,7 @@ PRE = ["--device", "cpu", "--pre_batch_size", "2", "--max_train_batches", "2", "
        "--val_query", "1", "--val_episodes", "3", "--pre_lr", "0.01", "--pre_max_epoch", "2", "--num_workers", "0"]
 
 
+@pytest.mark.slow
 def test_pretraining_killed_mid_epoch_resumes_to_the_same_weights(tiny_image_root, tmp_path):
     """2 epochs of 2 batches; the child is killed in batch 2 of epoch 2 (after one unsaved optimizer step)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -139,6 +140,7 @@ def assert_same_pretraining(straight: Path, resumed: Path) -> None:
     assert log_records(straight) == log_records(resumed)
 
 
+@pytest.mark.slow
 def test_pretraining_sigterm_mid_epoch_saves_the_batch_and_resumes_to_the_same_weights(tiny_image_root, tmp_path):
     """Conv-4, 2 epochs of 2 batches; SIGTERM arrives in batch 1 of epoch 2: that batch is finished, last.pth
     written at its end, exit code 143 after the resume command; resuming then matches the uninterrupted run."""
@@ -197,6 +199,7 @@ def assert_same_meta_run(straight: Path, resumed: Path, result: dict) -> None:
     assert log_records(straight) == log_records(resumed)
 
 
+@pytest.mark.slow
 def test_meta_training_killed_mid_epoch_resumes_to_the_same_test_accuracy(meta_root, meta_straight, tmp_path,
                                                                            capsys):
     """3 epochs of 4 episodes; the child is killed in episode 2 of epoch 2."""
@@ -262,6 +265,7 @@ WRITER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.37])
+@pytest.mark.slow
 def test_files_killed_while_being_written_are_complete(tmp_path, delay):
     """SIGKILL a process that rewrites a checkpoint, an npz, a JSON file and a log in a loop: each file is
     afterwards one complete version (a hidden ``.<name>.*.tmp`` may be left beside it)."""

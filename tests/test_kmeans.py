@@ -20,6 +20,7 @@ def clustered_points(problems: int, k: int, per_cluster: int, dim: int, spread: 
     return points[:, torch.randperm(k * per_cluster, generator=g)]
 
 
+@pytest.mark.slow
 def test_same_partition_as_sklearn_on_separated_clusters():
     points = clustered_points(problems=12, k=5, per_cluster=15, dim=8, spread=0.5, seed=0)
     result = batched_kmeans(points, 5, seed=0)
@@ -33,6 +34,7 @@ def test_same_partition_as_sklearn_on_separated_clusters():
         assert gaps.max().item() < 1e-8
 
 
+@pytest.mark.slow
 def test_inertia_no_worse_than_sklearn_on_hard_data():
     # overlapping clusters: many local optima; both sides keep the best of 10 k-means++ seedings
     points = clustered_points(problems=16, k=5, per_cluster=15, dim=8, spread=8.0, seed=1)

@@ -40,15 +40,8 @@ def run(script: str, data_root: Path, run_dir: Path, *flags: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("script", ["run_fusion.py", "run_concatenation.py"])
-def test_defaults_lie_inside_their_choices_and_match_design(script):
-    parser = script_parser(script)
-    for action in parser._actions:
-        if action.choices is not None and action.default is not None:
-            defaults = action.default if isinstance(action.default, list) else [action.default]
-            assert all(d in action.choices for d in defaults), action.dest
-        if action.dest != "help":
-            assert action.help, f"--{action.dest} has no help"
-    args = parser.parse_args([])
+def test_defaults_are_the_release_run_scripts(script):
+    args = script_parser(script).parse_args([])
     assert (args.lamda, args.gradlr, args.max_epoch, args.num_batch, args.shot, args.dataset) == (
         0.05, 0.01, 10, 100, [1, 5], "mini")
     assert args.model_type == {"run_fusion.py": "res12", "run_concatenation.py": "wrn28"}[script]
@@ -88,6 +81,7 @@ def test_episode_order_labels_and_semantic_targets(data_root):
     assert torch.equal(batch.support, split.features[indices[:, :10]])
 
 
+@pytest.mark.slow
 def test_fusion_learns_two_shots_and_eval_weights_reproduces_the_test(data_root, tmp_path):
     results = run("run_fusion.py", data_root, tmp_path / "f", "--shot", "1", "5")
     assert [r["shot"] for r in results] == [1, 5]
@@ -114,6 +108,7 @@ def test_fusion_learns_two_shots_and_eval_weights_reproduces_the_test(data_root,
     assert torch.equal(params["word_learner.weight"], initial.word_learner.weight.detach())
 
 
+@pytest.mark.slow
 def test_carry_concat_saves_the_carried_regressor_and_eval_reproduces(data_root, tmp_path, capsys):
     (result,) = run("run_concatenation.py", data_root, tmp_path / "c", "--model_type", "res12", "--shot", "1",
                     "--inner_state", "carry")
@@ -130,6 +125,7 @@ def test_carry_concat_saves_the_carried_regressor_and_eval_reproduces(data_root,
     assert again["test_acc"] == result["test_acc"]
 
 
+@pytest.mark.slow
 def test_release_meta_checkpoint_evaluates_as_the_release(data_root, tmp_path, reference_dir, capsys):
     """A meta checkpoint in the release's layout, holding the same weights as one of ours, tests identically:
     carry mode continues its carried regressor; reset mode says where the release's number comes from."""
@@ -150,6 +146,7 @@ def test_release_meta_checkpoint_evaluates_as_the_release(data_root, tmp_path, r
 
 
 @pytest.mark.parametrize("inner_state", ["reset", "carry"])
+@pytest.mark.slow
 def test_transductive_runs_on_cpu(data_root, tmp_path, inner_state):
     (result,) = run("run_fusion.py", data_root, tmp_path / "t", "--shot", "1", "--setting", "tran",
                     "--inner_state", inner_state, "--max_epoch", "1", "--kmeans_n_init", "3")

@@ -15,15 +15,13 @@ import pytest
 import torch
 
 import run_pre
-import run_proto
 from dataloader.datasets import SPLITS, load_features, load_images
 from dataloader.prepare import write_split
 from models import build_backbone
-from trainer import extract, pre
+from trainer import pre
 from trainer.checkpoint import load_checkpoint, load_weights
 from trainer.extract import ensure_features
 from trainer.pre import pretrain_lr
-from trainer.pre_flags import build_parser as pretrain_parser
 from utils import REPO_ROOT
 from utils.distributed import Processes
 from utils.interrupt import StopRequest
@@ -78,6 +76,7 @@ def assert_same_state(dir_a, dir_b):
     assert len(log_a) == len(log_b) and all(r == pytest.approx(s) for r, s in zip(log_a, log_b))
 
 
+@pytest.mark.slow
 def test_resume_equals_straight_run(tiny_image_root, tmp_path, monkeypatch):
     """2 epochs straight == 1 epoch + resume + 1 epoch, where epoch 1 itself is cut by Ctrl-C after
     batch 1 of 2 (last.pth is written then) and resumed."""
@@ -109,6 +108,7 @@ def test_resume_equals_straight_run(tiny_image_root, tmp_path, monkeypatch):
     assert [r["epoch"] for r in records_without_time(resumed)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_run_folder_on_real_images(prepared_mini, tmp_path, monkeypatch):
     """The Done-when run on a few real miniImageNet images: run folder, checkpoints, then features."""
     root = tmp_path / "data"
@@ -137,6 +137,7 @@ def test_run_folder_on_real_images(prepared_mini, tmp_path, monkeypatch):
         assert load_features(root, "mini", "res12", split).features.shape == (4, 640)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_when_over_fitting(tmp_path):
     """Two images, no augmentation, the same batch every step: the training loss must fall."""
     images = np.random.default_rng(1).integers(0, 256, size=(2, 84, 84, 3), dtype=np.uint8)
@@ -154,6 +155,7 @@ def test_loss_goes_down_when_over_fitting(tmp_path):
     assert losses[-1] < 0.25 * losses[0] and losses[-1] == min(losses), losses
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_with_two_processes(tiny_image_root, tmp_path):
     """torchrun, 2 processes, gloo: one tiny epoch; rank 0 alone writes the run folder."""
     run_dir = tmp_path / "ddp"
@@ -183,12 +185,3 @@ def test_entry_script_errors_without_traceback(tmp_path, capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("build_parser", [pretrain_parser, run_proto.build_parser, extract.build_parser])
-def test_every_flag_has_help_and_defaults_inside_choices(build_parser):
-    for action in build_parser()._actions:
-        if action.dest == "help":
-            continue
-        assert action.help, f"{action.dest} has no help"
-        if action.choices is not None:
-            defaults = action.default if isinstance(action.default, list) else [action.default]
-            assert all(d in action.choices for d in defaults), action.dest

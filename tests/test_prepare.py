@@ -128,6 +128,7 @@ def test_mini_images_match_the_source_jpegs(prepared_mini, data_dir):
 # --------------------------------------------------------------------------------------------- CUB (real)
 
 
+@pytest.mark.slow
 def test_cub_attributes_and_split_by_official_id(prepared_cub, data_dir):
     raw = data_dir / "cub" / "CUB_200_2011"
     attributes = np.loadtxt(raw / "attributes" / "class_attribute_labels_continuous.txt")

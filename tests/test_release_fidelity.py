@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import models.heads as heads
 from models.heads import HeadConfig, TasNet, class_prototypes, refine_prototypes
 from models.inner_loop import InnerLoopConfig, plain_fit_regressor, semantic_queries
-from trainer.meta import MetaConfig, build_parser
+from trainer.meta_config import MetaConfig, build_parser
 
 CASES = [f"mini_{head}_{setting}_{shot}shot" for shot in (1, 5) for head in ("fusion", "concat")
          for setting in ("in", "tran")]
@@ -89,6 +89,7 @@ def test_release_dataset_branches(head, dataset, metric, step_size, gamma):
     assert config.normalize(training=True) == (head == "concat") and not config.normalize(training=False)
 
 
+@pytest.mark.slow
 def test_concat_inner_schedule_on_tiered_and_cub_is_steplr_50_half():
     config = resolved("concat", "cub").inner
     rates = config.learning_rates()

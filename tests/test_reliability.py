@@ -26,6 +26,7 @@ from dataloader.datasets import FeatureSplit
 from synthetic_data import write_synthetic
 from synthetic_data import make_tiny_mini, mini_args
 from trainer import meta
+from trainer.meta_config import MetaConfig, build_parser
 from trainer.checkpoint import save_checkpoint
 from trainer.evaluate import episode_indices
 from utils import REPO_ROOT, save_npz
@@ -301,6 +302,7 @@ def reset_peak_rss() -> None:
         clear.write("5")
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_over_2000_reset_episodes():
     """Peak RSS and peak Python allocations while evaluating 2,000 episodes in chunks of 100 stay at their level
     for 200: nothing accumulates per chunk (each chunk gathers 2.5 MB of features: 18 chunks kept alive
@@ -312,7 +314,7 @@ def test_memory_stays_flat_over_2000_reset_episodes():
     generator = torch.Generator().manual_seed(0)
     targets = torch.arange(20).repeat_interleave(30)
     split = FeatureSplit(torch.rand(600, 640, generator=generator), targets, torch.randn(20, 16, generator=generator))
-    config = meta.MetaConfig.from_args(meta.build_parser().parse_args(["--inner_steps", "1"]), shot=1)
+    config = MetaConfig.from_args(build_parser().parse_args(["--inner_steps", "1"]), shot=1)
     assert (config.inner_state, config.episode_batch) == ("reset", 100)
     model = meta.build_model(config, 640, 16, torch.device("cpu"))
     indices = episode_indices(targets, 5, 1, 1, 2000, seed=0)                  # 5-way 1-shot, 1 query

@@ -234,8 +234,3 @@ def test_student_t_quantiles():
     assert report.t975(1) == 12.706 and report.t975(30) == 2.042
     assert report.t975(60) == pytest.approx(2.0003, abs=1e-3)
     assert report.t975(10_000) == pytest.approx(1.96, abs=1e-3)
-
-
-def test_every_flag_has_help():
-    for action in report.build_parser()._actions:
-        assert action.help, action.dest

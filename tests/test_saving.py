@@ -66,6 +66,7 @@ def test_a_run_folder_that_cannot_be_created(tmp_path):
         RunFolder(tmp_path / "file" / "run", {"seed": 0})
 
 
+@pytest.mark.slow
 def test_pretraining_on_a_full_disk_stops_with_one_error_line(tiny_image_root, tmp_path, monkeypatch, capsys):
     """Epoch 1 is saved; the disk is full when epoch 2 saves: exit 4, one error line, epoch 1's last.pth kept."""
     run_dir = tmp_path / "run"

@@ -38,7 +38,7 @@ from models.inner_loop import semantic_queries
 from trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint, strip_prefixes
 from trainer.evaluate import episode_accuracy, episode_indices
 from trainer.extract import load_feature_splits
-from trainer.meta_config import MetaConfig, build_parser  # noqa: F401  (build_parser: the run scripts' import)
+from trainer.meta_config import MetaConfig
 from trainer.runs import RunFolder, default_run_dir
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
 from utils.cli import run_cli
