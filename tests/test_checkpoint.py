@@ -108,12 +108,6 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["k.pth"]
 
 
-def test_map_location(tmp_path):
-    save_checkpoint(tmp_path / "m.pth", small_net().state_dict())
-    ckpt = load_checkpoint(tmp_path / "m.pth", map_location="cpu")
-    assert all(v.device.type == "cpu" for v in ckpt["params"].values())
-
-
 @pytest.mark.parametrize("model_type", ["res12", "wrn28"])
 def test_release_pretraining_checkpoint_loads_as_init_weights(tmp_path, reference_dir, model_type):
     """The release's pretraining saves ``{'params': encoder.* + pre_fc.0.*}``: the backbone part loads."""

@@ -32,11 +32,11 @@ def test_jsonl_log_appends_and_resumes(tmp_path):
     assert JsonlLog(tmp_path / "log.jsonl", keep_existing=False).records() == []
 
 
-def test_mean_ci95_is_the_field_standard():
-    acc = np.array([0.5, 0.7, 0.6, 0.8])
-    mean, ci = mean_ci95(acc)
+def test_mean_ci95_is_1_96_population_std_over_sqrt_n():
+    """By hand: population std of (0.5, 0.7, 0.6, 0.8) is sqrt(0.0125) = 0.1118; 1.96 * 0.1118 / sqrt(4) = 0.10957."""
+    mean, ci = mean_ci95(np.array([0.5, 0.7, 0.6, 0.8]))
     assert mean == pytest.approx(0.65)
-    assert ci == pytest.approx(1.96 * acc.std() / 2)
+    assert ci == pytest.approx(0.1095673309, rel=1e-9)
 
 
 def test_set_seed_repeats_draws():
