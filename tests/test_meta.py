@@ -13,7 +13,7 @@ from dataloader.datasets import load_features
 from models.heads import HeadConfig, TasNet
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.evaluate import episode_indices
-from trainer.meta import cli, gather_episodes, main
+from trainer.meta import gather_episodes, main
 from trainer.meta_config import DATASET_DEFAULTS, MetaConfig, build_parser
 from synthetic_data import DIM, release_meta_params, release_state_dict_keys, write_synthetic
 from utils import InputError
@@ -153,17 +153,14 @@ def test_transductive_runs_on_cpu(data_root, tmp_path, inner_state):
     assert result["setting"] == "tran" and 0.2 < result["test_acc"] <= 1.0
 
 
-def test_input_errors_name_the_problem(data_root, tmp_path, capsys):
+def test_eval_weights_of_another_dimension_and_unextracted_features_name_the_fix(data_root, tmp_path):
+    """(--setting tran --way 1, --lamda 2 and a backbone as --eval_weights: test_reliability.py, end to end.)"""
     parser = script_parser("run_fusion.py")
     def error(*flags) -> str:
         with pytest.raises(InputError) as info:
             main(parser.parse_args(["--data_root", str(data_root), "--run_dir", str(tmp_path / "x"), *QUICK,
                                     *flags]))
         return str(info.value)
-    assert "--way" in error("--setting", "tran", "--way", "1")
-    backbone = tmp_path / "backbone.pth"
-    save_checkpoint(backbone, {"conv1.weight": torch.zeros(2)}, kind="backbone")
-    assert "--init_weights" in error("--eval_weights", str(backbone))
     wrong_dim = tmp_path / "wrong.pth"
     save_checkpoint(wrong_dim, {"feat_learner.weight": torch.zeros(7, 640), "feat_learner.bias": torch.zeros(7),
                                 "word_learner.weight": torch.zeros(7, 640), "word_learner.bias": torch.zeros(7)},
@@ -172,8 +169,6 @@ def test_input_errors_name_the_problem(data_root, tmp_path, capsys):
     assert str(wrong_dim) in message and "D = 7" in message and f"D = {DIM}" in message
     message = error("--dataset", "cub")
     assert "run_pre.py" in message and "trainer.extract" in message
-    assert cli(parser, ["--data_root", str(data_root), "--lamda", "2"]) == 2
-    assert capsys.readouterr().err.startswith("error: --lamda")
 
 
 def test_missing_features_are_extracted_from_init_weights_and_cached(tiny_image_root, tmp_path):
