@@ -8,26 +8,17 @@ every test that needs one skips instead of failing:
 - ``TASNET_REFERENCE``: outputs of the original release to compare with (state-dict listings, seeded forward
   passes); default ``../shared/reference`` relative to the repository.
 
-A relative value of either variable is taken relative to the working directory. The prepared datasets are
+A relative value of either variable is taken relative to the working directory (both are resolved in
+synthetic_data.py, which test files import; they never import this file). The prepared datasets are
 session-scoped: each is built once per test run and reused by every test file that asks for it.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _env_dir(variable: str, default: Path) -> Path:
-    value = os.environ.get(variable)
-    return Path(value).expanduser().resolve() if value else default
-
-
-DATA_DIR = _env_dir("TASNET_DATA", REPO_ROOT.parent / "shared" / "data")
-REFERENCE_DIR = _env_dir("TASNET_REFERENCE", REPO_ROOT.parent / "shared" / "reference")
+from synthetic_data import DATA_DIR, REFERENCE_DIR
 
 
 def _real(*parts: str) -> Path:

@@ -1,7 +1,10 @@
-"""Synthetic inputs that several test files build: cached backbone features and a raw miniImageNet folder."""
+"""What several test files share: where the real data and the reference outputs live (``TASNET_DATA``,
+``TASNET_REFERENCE``, see conftest.py), and synthetic inputs: cached backbone features, a raw miniImageNet
+folder, the release's checkpoint layouts."""
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -10,6 +13,17 @@ from PIL import Image
 
 from dataloader.prepare import SPLITS
 from utils import save_npz
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env_dir(variable: str, default: Path) -> Path:
+    value = os.environ.get(variable)
+    return Path(value).expanduser().resolve() if value else default
+
+
+DATA_DIR = _env_dir("TASNET_DATA", REPO_ROOT.parent / "shared" / "data")
+REFERENCE_DIR = _env_dir("TASNET_REFERENCE", REPO_ROOT.parent / "shared" / "reference")
 
 DIM = 12  # class-vector size of the synthetic features
 

@@ -10,10 +10,10 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision import transforms
 
-from conftest import DATA_DIR
 from dataloader.batch_augment import (_resample_taps, _resample_weights, _resized_crop, color_jitter, eval_transform,
                                       resized_crop, sample_crop_boxes, torchvision_eval_transform,
                                       torchvision_train_transform, train_augment)
+from synthetic_data import DATA_DIR
 
 MINI_IMAGES = DATA_DIR / "mini-imagenet" / "images"
 MEAN = (120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255)  # ResNet-12's

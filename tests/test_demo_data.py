@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA_DIR
 from dataloader import demo
+from synthetic_data import DATA_DIR
 
 SPLITS = ("train", "val", "test")
 SMALL = 16  # one shot plus 15 queries per class
