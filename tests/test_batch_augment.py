@@ -48,7 +48,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(image.numpy()) for image in images]
 
 
-def test_shapes_dtypes_and_memory_format():
+def test_outputs_have_the_asked_size_and_memory_format_and_float_input_is_refused():
     images = smooth_images(5, 84, 84)
     out = train_augment(images, MEAN, STD, torch.Generator().manual_seed(0))
     assert out.shape == (5, 3, 84, 84) and out.dtype == torch.float32 and out.device == images.device

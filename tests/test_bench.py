@@ -48,7 +48,7 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def test_meta_bench_quick(run_script):
+def test_meta_bench_quick_reports_every_setting_and_matches_the_reference_accuracy(run_script):
     record = run_script("meta", "--quick", "--device", "cpu", "--threads", "1")
     assert record["bench"] == "meta" and record["device"] == "cpu" and len(record["load_avg"]) == 3
     settings = {(r["impl"], r["head"], r["mode"], r["phase"]) for r in record["rows"]}
@@ -80,7 +80,7 @@ def test_meta_bench_threads_apply_to_ours_and_the_reference(run_script):
 
 
 @pytest.mark.slow
-def test_pretrain_bench_quick(run_script):
+def test_pretrain_bench_quick_reports_every_pipeline_step_and_epoch(run_script):
     record = run_script("pretrain", "--quick", "--device", "cpu", "--threads", "1")
     assert record["bench"] == "pretrain" and record["device"] == "cpu"
     assert {r["impl"] for r in record["pipeline"]} == {"pil", "batch_augment"}

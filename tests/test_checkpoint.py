@@ -19,7 +19,7 @@ def small_net():
     return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
 
 
-def test_round_trip_keeps_metadata(tmp_path):
+def test_round_trip_keeps_weights_and_metadata(tmp_path):
     net = small_net()
     save_checkpoint(tmp_path / "a.pth", net.state_dict(), kind="backbone", epoch=3, config={"lr": 0.1})
     other = small_net()
@@ -32,7 +32,7 @@ def test_round_trip_keeps_metadata(tmp_path):
 
 @pytest.mark.parametrize("wrap", ["params", "state_dict", "bare"])
 @pytest.mark.parametrize("prefix", ["", "module.", "encoder.", "module._orig_mod.", "_orig_mod.module."])
-def test_accepted_formats_and_prefixes(tmp_path, wrap, prefix):
+def test_weights_load_from_every_wrapper_and_prefix(tmp_path, wrap, prefix):
     net = small_net()
     sd = {prefix + k: v for k, v in net.state_dict().items()}
     torch.save({"params": sd} if wrap == "params" else {"state_dict": sd} if wrap == "state_dict" else sd,
@@ -56,7 +56,7 @@ def test_checkpoint_for_another_architecture_lists_the_differences(tmp_path):
     assert "unexpected: conv1.weight" in message and "more" in message
 
 
-def test_shape_mismatch_is_reported(tmp_path):
+def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
     save_checkpoint(tmp_path / "s.pth", nn.Linear(4, 5).state_dict())
     with pytest.raises(InputError, match=r"weight \(5, 4\) vs \(3, 4\)"):
         load_weights(nn.Linear(4, 3), tmp_path / "s.pth")
@@ -82,7 +82,7 @@ def test_checkpoint_carrying_code_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def test_truncated_and_missing_files(tmp_path):
+def test_truncated_or_missing_checkpoint_is_refused(tmp_path):
     path = tmp_path / "t.pth"
     save_checkpoint(path, small_net().state_dict())
     data = path.read_bytes()

@@ -87,7 +87,7 @@ def test_too_few_images_are_refused_before_any_work():
 
 
 @pytest.mark.parametrize("name, out_dim", [("conv4", 64), ("conv4_28", 64)])
-def test_conv4_features(name, out_dim):
+def test_conv4_backbones_give_finite_features_of_their_out_dim(name, out_dim):
     torch.manual_seed(0)
     model = build_backbone(name).eval()
     with torch.no_grad():

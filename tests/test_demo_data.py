@@ -38,7 +38,7 @@ def small_demo(tmp_path_factory) -> Path:
     return demo.make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", seed=0, images_per_class=SMALL)
 
 
-def test_format(small_demo):
+def test_demo_splits_hold_shuffled_balanced_uint8_images_and_50_d_vectors(small_demo):
     layout = demo.demo_classes()
     for split in SPLITS:
         images, targets, vectors, names = _read_split(small_demo, split)
@@ -52,7 +52,7 @@ def test_format(small_demo):
         assert not np.array_equal(targets, np.sort(targets))
 
 
-def test_split_layout():
+def test_demo_splits_have_disjoint_classes_built_from_training_words():
     layout = demo.demo_classes()
     assert {split: len(combos) for split, combos in layout.items()} == demo.SPLIT_SIZES
     assert min(len(layout["val"]), len(layout["test"])) >= 16
@@ -88,7 +88,7 @@ def test_glove_asset_is_verbatim_glove():
     assert lines == original
 
 
-def test_deterministic(tmp_path):
+def test_demo_dataset_is_determined_by_its_seed(tmp_path):
     first = demo.make_demo_dataset(tmp_path / "a", seed=3, images_per_class=1)
     second = demo.make_demo_dataset(tmp_path / "b", seed=3, images_per_class=1)
     for split in SPLITS:
@@ -108,7 +108,7 @@ def test_render_class_varies_within_a_class():
     assert min(np.abs(flat[i] - flat[j]).mean() for i in range(6) for j in range(i)) > 10
 
 
-def test_regenerates_only_when_needed(tmp_path):
+def test_ensure_demo_dataset_redraws_only_when_incomplete_or_reseeded(tmp_path):
     root = demo.ensure_demo_dataset(tmp_path, images_per_class=1)
     assert root == tmp_path / "demo"
     train = root / "few-shot-train.npz"
@@ -125,7 +125,7 @@ def test_regenerates_only_when_needed(tmp_path):
     assert np.array_equal(after[2], before[2]) and after[3] == before[3], "the classes moved with the seed"
 
 
-def test_command_line(tmp_path, capsys):
+def test_demo_command_writes_the_dataset_and_refuses_zero_images_per_class(tmp_path, capsys):
     assert demo.main(["--out", str(tmp_path / "cli"), "--images-per-class", "1", "--seed", "5"]) == 0
     assert (tmp_path / "cli" / "few-shot-test.npz").is_file()
     assert demo.main(["--out", str(tmp_path / "bad"), "--images-per-class", "0"]) == 2

@@ -47,7 +47,7 @@ def clustered_features(classes: int, per_class: int, spread: float, seed: int = 
     return features, targets
 
 
-def test_fixed_episodes_and_accuracy():
+def test_separable_features_score_1_and_the_seed_fixes_the_episodes():
     features, targets = clustered_features(10, 20, spread=0.1)
     accs = evaluate_protonet(features, targets, way=5, shot=1, query=15, episodes=50, seed=3)
     assert len(accs) == 50 and all(a == 1.0 for a in accs)
@@ -79,7 +79,7 @@ def test_cached_features_give_the_per_episode_accuracies(tiny_image_root):
     torch.testing.assert_close(embed(images[first]), features[first], rtol=1e-4, atol=1e-4)
 
 
-def test_run_proto_on_cached_features(tiny_image_root, tmp_path, capsys):
+def test_run_proto_on_cached_features_writes_one_result_per_shot(tiny_image_root, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(tiny_image_root, root)
     for split in ("train", "val", "test"):
@@ -95,7 +95,7 @@ def test_run_proto_on_cached_features(tiny_image_root, tmp_path, capsys):
     assert "+-" in capsys.readouterr().out
 
 
-def test_run_proto_without_features_or_weights(tiny_image_root, tmp_path, capsys):
+def test_run_proto_without_features_or_weights_exits_2_naming_the_checkpoint(tiny_image_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         run_proto.main(["--data_root", str(tiny_image_root), "--init_weights", str(tmp_path / "none.pth"),
                         "--run_dir", str(tmp_path / "run"), "--device", "cpu"])

@@ -92,7 +92,7 @@ def test_unfit_checkpoints_are_refused_before_writing(backbone, data_root, tmp_p
 
 
 @pytest.mark.slow
-def test_extract_command(backbone, data_root, tmp_path, capsys):
+def test_extract_command_reads_a_whole_model_checkpoint_and_skips_cached_splits(backbone, data_root, tmp_path, capsys):
     weights = tmp_path / "ckpt.pth"
     # the original's whole-model format: backbone under `encoder.`, plus the classifier
     save_checkpoint(weights, {**{f"encoder.{k}": v for k, v in backbone.state_dict().items()},

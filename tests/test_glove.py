@@ -93,6 +93,6 @@ def test_uniform_fallback_draws_from_the_given_generator():
         class_vectors([["red"]], glove, "gaussian")
 
 
-def test_reads_the_real_glove_subset(data_dir):
+def test_real_glove_subset_reads_as_50_d_without_skipped_lines(data_dir):
     glove = load_glove(data_dir / "glove" / "glove.6B.50d.subset.txt", vocabulary={"the", "kit", "fox"})
     assert glove.dim == 50 and glove.skipped_lines == 0 and set(glove.vectors) == {"the", "kit", "fox"}

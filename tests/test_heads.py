@@ -94,7 +94,8 @@ def test_transductive_refines_the_visual_part_only(head):
     torch.testing.assert_close(logits, combine(refined_visual, SEMANTIC_PROTOS, visual_query, semantic_query, config))
 
 
-def test_regressor_init_and_metric_names():
+def test_regressor_is_kaiming_initialised_and_bad_metric_or_head_is_refused():
+    """Also: TasNet's state dict is its two linear layers, nothing else."""
     regressor = semantic_regressor(640, 50)
     assert regressor.weight.shape == (50, 640) and torch.all(regressor.bias == 0)
     # kaiming normal (fan_in 640, gain sqrt 2): std sqrt(2/640)

@@ -54,7 +54,7 @@ def test_deterministic_single_problem_and_inertia_matches_labels():
     assert first.inertia.item() == pytest.approx((points - own_centres).pow(2).sum().item(), rel=1e-4)
 
 
-def test_degenerate_points_do_not_break():
+def test_fewer_distinct_points_than_k_stay_finite_and_k_above_n_is_refused():
     points = torch.zeros(2, 10, 3)
     points[1, :5] = 1.0                                   # two distinct locations for k = 3
     result = batched_kmeans(points, 3)

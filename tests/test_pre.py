@@ -107,7 +107,7 @@ def test_resume_equals_straight_run(tiny_image_root, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_run_folder_on_real_images(prepared_mini, tmp_path, monkeypatch):
+def test_pretraining_on_real_images_writes_the_run_folder_and_usable_checkpoints(prepared_mini, tmp_path, monkeypatch):
     """The Done-when run on a few real miniImageNet images: run folder, checkpoints, then features."""
     root = tmp_path / "data"
     for split in SPLITS:  # 2 classes x 2 images per split keeps ResNet-12 quick on a CPU
@@ -154,7 +154,7 @@ def test_loss_goes_down_when_over_fitting(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_cpu_with_two_processes(tiny_image_root, tmp_path):
+def test_ddp_on_cpu_with_two_processes_logs_once_from_rank_0(tiny_image_root, tmp_path):
     """torchrun, 2 processes, gloo: one tiny epoch; rank 0 alone writes the run folder."""
     run_dir = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -175,7 +175,7 @@ def test_pre_batch_size_must_split_over_processes(tiny_image_root, tmp_path):
         pre.Pretrainer(args, torch.device("cpu"), Processes(rank=0, world_size=2))
 
 
-def test_entry_script_errors_without_traceback(tmp_path, capsys):
+def test_entry_script_input_errors_exit_2_without_traceback(tmp_path, capsys):
     for argv, message in ((["--data_root", str(tmp_path), "--run_dir", str(tmp_path / "r")], "dataset folder not found"),
                           (["--resume"], "--resume needs --run_dir")):
         with pytest.raises(SystemExit) as exit_:

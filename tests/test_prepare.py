@@ -207,7 +207,7 @@ def make_tiny_tiered(raw: Path, data: Path) -> dict:
     return images
 
 
-def test_tiered_release_format(tmp_path, data_dir):
+def test_tiered_release_pickles_prepare_in_release_order_with_glove_or_uniform_vectors(tmp_path, data_dir):
     sources = make_tiny_tiered(tmp_path / "raw", data_dir)
     glove_path = data_dir / "glove" / "glove.6B.50d.subset.txt"
     assert main(["tiered", "--raw", str(tmp_path / "raw"), "--glove", str(glove_path),
@@ -303,7 +303,7 @@ def check_cifar_output(folder: Path, split_classes, raw_ids, raw_images, glove):
                 np.testing.assert_allclose(row, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_cifar_fs_pickles(tmp_path, data_dir):
+def test_cifar_fs_release_pickles_prepare_every_split_in_raw_order(tmp_path, data_dir):
     split_classes = cifar_split_classes(data_dir)
     glove_path = glove_without(data_dir / "glove" / "glove.6B.50d.subset.txt", tmp_path / "g.txt", {"dolphin"})
     rng = np.random.RandomState(2)
@@ -320,7 +320,7 @@ def test_cifar_fs_pickles(tmp_path, data_dir):
                        np.concatenate(all_images), read_glove(glove_path))
 
 
-def test_cifar_fs_from_cifar100_python(tmp_path, data_dir):
+def test_cifar_fs_from_cifar100_python_follows_the_split_lists(tmp_path, data_dir):
     glove_path = glove_without(data_dir / "glove" / "glove.6B.50d.subset.txt", tmp_path / "g.txt", {"dolphin"})
     folder = tmp_path / "raw" / "cifar-100-python"
     dump_pickle(folder / "meta", {"fine_label_names": list(CIFAR100_FINE_NAMES), "coarse_label_names": []})

@@ -61,7 +61,7 @@ def test_parser_defaults_match_the_release():
     assert (args.val_episodes, args.episodes, args.amp, args.channels_last) == (100, 600, "auto", "auto")
 
 
-def test_resume_needs_finetune(capsys):
+def test_resume_without_finetune_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_:
         run_proto.parse_args(["--resume", "--run_dir", "x"])
     assert exit_.value.code == 2 and "--finetune" in capsys.readouterr().err

@@ -82,7 +82,7 @@ def resolved(head: str, dataset: str) -> MetaConfig:
     ("concat", "mini", "euclidean", 10, 0.2), ("concat", "cifar_fs", "euclidean", 10, 0.2),
     ("concat", "tiered", "cosine", 50, 0.5), ("concat", "cub", "cosine", 50, 0.5),
 ])
-def test_release_dataset_branches(head, dataset, metric, step_size, gamma):
+def test_release_dataset_branches_pick_metric_inner_schedule_and_normalisation(head, dataset, metric, step_size, gamma):
     config = resolved(head, dataset)
     assert (config.head.metric, config.inner.step_size, config.inner.gamma) == (metric, step_size, gamma)
     # the release L2-normalises concat's input features in training episodes only; fusion never

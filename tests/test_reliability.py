@@ -170,7 +170,7 @@ def meta_params(dim: int) -> dict[str, torch.Tensor]:
             for name in ("feat_learner", "word_learner") for part in ("weight", "bias")}
 
 
-def test_bad_eval_weights_are_refused(root, tmp_path, capsys):
+def test_bad_eval_weights_are_refused_with_one_error_line_each(root, tmp_path, capsys):
     evil = tmp_path / "evil.pth"
     torch.save({"params": meta_params(DIM), "extra": Payload()}, evil)
     assert fusion(root, tmp_path / "a", "--eval_weights", str(evil)) == 2
@@ -220,7 +220,7 @@ def test_backbone_of_another_architecture_lists_the_key_differences(tmp_path, ca
     ("cifar_fs", ["CIFAR_FS_train.pickle", "CIFAR_FS_test.pickle"], "CIFAR_FS_val.pickle"),
     ("cub", [], "classes.txt"),
 ])
-def test_raw_folder_missing_a_split_file(dataset, present, missing, tmp_path, capsys):
+def test_raw_folder_missing_a_split_file_is_named_before_writing(dataset, present, missing, tmp_path, capsys):
     raw = tmp_path / "raw"
     raw.mkdir()
     for name in present:
@@ -251,7 +251,7 @@ def test_malformed_glove_lines_are_skipped_and_counted_by_the_prepare_command(tm
     (["--shot", "1", "1"], "--shot lists a value twice: [1, 1]."),
     (["--lamda", "1.5"], "--lamda is the weight of the visual part and must lie in [0, 1], got 1.5."),
 ])
-def test_contradictory_meta_flags(flags, message, root, tmp_path, capsys):
+def test_contradictory_meta_flags_get_one_error_line(flags, message, root, tmp_path, capsys):
     assert fusion(root, tmp_path / "run", *flags) == 2
     assert error_line(capsys) == f"error: {message}"
 
@@ -268,7 +268,7 @@ def test_resume_needs_an_existing_run_folder(root, tiny_image_root, tmp_path, ca
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_asked_for_on_a_machine_without_it(root, tmp_path, capsys):
+def test_cuda_asked_for_on_a_machine_without_it_is_refused(root, tmp_path, capsys):
     assert fusion(root, tmp_path / "run", "--device", "cuda") == 2
     assert error_line(capsys) == "error: --device cuda: CUDA is not available on this machine; use --device cpu " \
                                  "or auto."

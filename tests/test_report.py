@@ -55,7 +55,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_three_kinds_in_one_table(tmp_path, capsys):
+def test_feature_finetuned_and_meta_results_share_one_table_and_csv(tmp_path, capsys):
     runs = tmp_path / "runs"
     write(runs / "proto", proto_result())
     write(runs / "finetune" / "a", finetune_result())
@@ -172,7 +172,7 @@ def test_the_same_seed_twice_counts_once(tmp_path, capsys):
     assert err.count("warning:") == 1 and str(second.resolve()) in err and str(first.resolve()) in err
 
 
-def test_a_result_file_may_be_given_itself(tmp_path):
+def test_a_result_file_given_itself_is_read_alone(tmp_path):
     path = write(tmp_path / "a", meta_result())
     write(tmp_path / "b", meta_result(head="concat"))
     (row,) = report.collect([path])
@@ -230,7 +230,7 @@ def test_a_missing_folder_is_an_error_naming_it(tmp_path):
         report.collect([tmp_path / "nowhere"])
 
 
-def test_student_t_quantiles():
+def test_t975_is_the_student_t_quantile_and_tends_to_1_96():
     assert report.t975(1) == 12.706 and report.t975(30) == 2.042
     assert report.t975(60) == pytest.approx(2.0003, abs=1e-3)
     assert report.t975(10_000) == pytest.approx(1.96, abs=1e-3)

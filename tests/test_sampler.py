@@ -24,7 +24,8 @@ def test_episodes_are_shot_major_with_distinct_classes():
         assert labels[0].unique().numel() == way
 
 
-def test_episode_labels_and_split():
+def test_split_episode_takes_the_first_shot_rows_as_support():
+    """episode_labels repeats 0..way-1 per row; split_episode cuts shot-major rows, with or without a batch axis."""
     assert episode_labels(3, 2).tolist() == [0, 1, 2, 0, 1, 2]
     data = torch.arange(3 * (1 + 2)).float().view(-1, 1)
     episode = split_episode(data, way=3, shot=1, query=2)
@@ -44,7 +45,7 @@ def test_seeded_sampler_repeats_its_episodes_and_unseeded_does_not():
     assert not torch.equal(torch.stack(list(free)), torch.stack(list(free)))
 
 
-def test_batched_sampling_matches_iteration():
+def test_sample_n_equals_n_iterated_episodes():
     targets = make_targets([25] * 12)
     sampler = EpisodeSampler(targets, 5, 1, 15, num_episodes=6, seed=3)
     batch = sampler.sample(6, torch.Generator().manual_seed(3))
@@ -59,7 +60,7 @@ def test_unequal_class_sizes_never_pick_padding():
         assert targets[indices].view(5, 6).eq(targets[indices][:6]).all()
 
 
-def test_uniform_class_choice():
+def test_classes_are_picked_uniformly():
     targets = make_targets([10] * 10)
     picks = torch.cat([targets[e[:5]] for e in EpisodeSampler(targets, 5, 1, 1, num_episodes=4000, seed=0)])
     freq = torch.bincount(picks, minlength=10).float() / picks.numel()

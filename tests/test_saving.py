@@ -60,7 +60,7 @@ def test_a_checkpoint_cut_short_by_a_full_disk_keeps_the_previous_one(tmp_path, 
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pth"]
 
 
-def test_a_run_folder_that_cannot_be_created(tmp_path):
+def test_a_run_folder_that_cannot_be_created_raises_save_error_naming_it(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SaveError, match=f"cannot write {tmp_path / 'file' / 'run'}"):
         RunFolder(tmp_path / "file" / "run", {"seed": 0})

@@ -21,7 +21,7 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
-def test_jsonl_log_appends_and_resumes(tmp_path):
+def test_jsonl_log_resumes_after_truncating_later_epochs(tmp_path):
     log = JsonlLog(tmp_path / "log.jsonl")
     for epoch in range(1, 4):
         log.append({"epoch": epoch, "loss": 1.0 / epoch})
@@ -47,11 +47,10 @@ def test_set_seed_repeats_draws():
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
-def test_paths_and_device():
+def test_relative_paths_resolve_under_the_repo_and_cpu_device_is_cpu():
     assert resolve_path("data") == REPO_ROOT / "data"
     assert resolve_path("/abs/x").as_posix() == "/abs/x"
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda")
 
 
 def test_threads_flag_sets_torch_threads_and_refuses_negatives():
