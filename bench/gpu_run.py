@@ -163,7 +163,7 @@ def steps(args: argparse.Namespace, work: Path, out: Path) -> list[Step]:
                  "'cpus', os.cpu_count())")
     if dry:
         tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 "tests/test_devices.py::test_kmeans_on_the_device_finds_the_cpu_partition"]
+                 "tests/test_devices.py::test_kmeans_on_the_device_finds_the_planted_partition"]
         bench_meta = [py, "bench/meta.py", "--quick", *device, "--heads", "fusion"]
         bench_pre = [py, "bench/pretrain.py", "--quick", *device]
         pre_size = ["--pre_batch_size", "4", "--max_train_batches", "1", "--val_episodes", "2", "--way", "2",

@@ -84,3 +84,15 @@ def tiny_image_root(tmp_path_factory) -> Path:
         write_split(root / "mini", split, images[order], targets[order],
                     rng.normal(size=(classes, 4)).astype(np.float32), [f"{split}{c}" for c in range(classes)])
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the tensors of these tests are tiny (more threads only add
+    synchronisation on a busy machine), and a run and its resumed twin then compute bit for bit the same."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

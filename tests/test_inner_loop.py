@@ -20,13 +20,7 @@ FEATURES, DIM = 640, 16
 CONFIG = InnerLoopConfig(steps=20, lr=0.01, weight_decay=1e-5, step_size=8, gamma=0.2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (minutes on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def episodes(count: int, support: int = 5, query: int = 6, seed: int = 0):

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import run_pre
-from synthetic_data import write_synthetic
+from synthetic_data import signal_on_call, write_synthetic
 from trainer import meta, pre
 from trainer.checkpoint import load_checkpoint
 from utils import REPO_ROOT
@@ -226,14 +226,8 @@ def test_meta_ctrl_c_or_sigterm_exits_cleanly_and_resumes(meta_root, meta_straig
     the resumed run equals the straight one."""
     straight, result = meta_straight
     run_dir = tmp_path / "interrupted"
-    cross_entropy, calls = meta.F.cross_entropy, []
-
-    def interrupt_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signum)             # the episode finishes, then the run stops
-        return cross_entropy(*args, **kwargs)
-
+    cross_entropy = meta.F.cross_entropy
+    interrupt_in_epoch_2, _ = signal_on_call(cross_entropy, call=6, signum=signum)   # the episode finishes
     monkeypatch.setattr(meta.F, "cross_entropy", interrupt_in_epoch_2)
     assert fusion(meta_root, run_dir) == code
     err = capsys.readouterr().err

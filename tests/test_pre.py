@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -25,6 +24,7 @@ from trainer.pre import pretrain_lr
 from utils import REPO_ROOT
 from utils.distributed import Processes
 from utils.interrupt import StopRequest
+from synthetic_data import signal_on_call
 
 TINY = ["--device", "cpu", "--pre_batch_size", "2", "--max_train_batches", "1", "--way", "2", "--shot", "1",
         "--val_query", "1", "--val_episodes", "3", "--pre_lr", "0.01"]
@@ -82,14 +82,8 @@ def test_resume_equals_straight_run(tiny_image_root, tmp_path, monkeypatch):
     two_batches = ("--max_train_batches", "2")
     assert pre.main(tiny_args(tiny_image_root, straight, *two_batches, "--pre_max_epoch", "2"))["epochs"] == 2
 
-    cross_entropy, calls = pre.F.cross_entropy, []
-
-    def interrupt_first_call(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C path: the handler sets the stop flag
-        return cross_entropy(*args, **kwargs)
-
+    cross_entropy = pre.F.cross_entropy
+    interrupt_first_call, calls = signal_on_call(cross_entropy, call=1)   # Ctrl-C during the first batch
     monkeypatch.setattr(pre.F, "cross_entropy", interrupt_first_call)
     with pytest.raises(SystemExit) as stop:
         pre.main(tiny_args(tiny_image_root, resumed, *two_batches, "--pre_max_epoch", "1"))

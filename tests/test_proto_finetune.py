@@ -7,8 +7,6 @@ equal to a straight run, the parser's defaults, and the fast evaluation path aga
 from __future__ import annotations
 
 import json
-import os
-import signal
 from functools import partial
 
 import pytest
@@ -25,19 +23,14 @@ from trainer.evaluate import episode_indices, evaluate_protonet, evaluate_proton
 from trainer.extract import extract_features
 from trainer.pre import pretrain_lr
 from utils import mean_ci95
+from synthetic_data import signal_on_call
 
 TINY = ["--finetune", "--model_type", "conv4", "--device", "cpu", "--way", "3", "--shot", "1", "--train_query", "2",
         "--val_query", "2", "--query", "2", "--episodes", "4", "--val_episodes", "3", "--num_batch", "2",
         "--max_epoch", "1", "--vlr", "0.01"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # one thread: the straight and the resumed runs then compute bit for bit the same
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -184,14 +177,8 @@ def test_ctrl_c_and_resume_reach_the_straight_result(tiny_image_root, pretrained
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_proto.main(tiny_argv(tiny_image_root, pretrained, straight, "--max_epoch", "2"))
 
-    cross_entropy, calls = proto_finetune.F.cross_entropy, []
-
-    def interrupt_first_call(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C path: the handler sets the stop flag
-        return cross_entropy(*args, **kwargs)
-
+    cross_entropy = proto_finetune.F.cross_entropy
+    interrupt_first_call, calls = signal_on_call(cross_entropy, call=1)   # Ctrl-C during the first episode
     monkeypatch.setattr(proto_finetune.F, "cross_entropy", interrupt_first_call)
     with pytest.raises(SystemExit) as stop:
         run_proto.main(tiny_argv(tiny_image_root, pretrained, resumed, "--max_epoch", "2"))
