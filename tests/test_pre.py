@@ -177,3 +177,16 @@ def test_entry_script_input_errors_exit_2_without_traceback(tmp_path, capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+
+
+def test_resume_refuses_changed_recipe_flags_and_allows_more_epochs(tiny_image_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_pre.main(["--data_root", str(tiny_image_root), "--run_dir", str(run_dir), *TINY, "--model_type", "conv4",
+                  "--pre_max_epoch", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        run_pre.main(["--data_root", str(tiny_image_root), "--run_dir", str(run_dir), *TINY, "--model_type", "conv4",
+                      "--pre_max_epoch", "2", "--resume", "--pre_lr", "0.5"])
+    assert exit_.value.code == 2 and "--pre_lr 0.01 -> 0.5" in capsys.readouterr().err
+    run_pre.main(["--data_root", str(tiny_image_root), "--run_dir", str(run_dir), *TINY, "--model_type", "conv4",
+                  "--pre_max_epoch", "2", "--resume"])
+    assert load_checkpoint(run_dir / "last.pth")["epoch"] == 2

@@ -35,7 +35,7 @@ from dataloader.datasets import FeatureSplit
 from dataloader.sampler import EpisodeSampler, split_episode
 from models.heads import TasNet
 from models.inner_loop import semantic_queries
-from trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint, strip_prefixes
+from trainer.checkpoint import load_checkpoint, load_resume_state, load_weights, save_checkpoint, strip_prefixes
 from trainer.evaluate import episode_accuracy, episode_indices
 from trainer.extract import load_feature_splits
 from trainer.meta_config import MetaConfig
@@ -254,15 +254,9 @@ class MetaRun:
             print(f"note: {self.last} not found: the {self.config.shot}-shot training starts from epoch 1", flush=True)
             self.run.log.truncate_after("epoch", 0)
             return -1.0, 0, 1
-        ckpt = load_weights(model, self.last, map_location=self.device, kind="meta")
-        if "optimizer" not in ckpt:
-            raise InputError(f"--resume: {self.last} holds no training state; start a new --run_dir.")
-        saved, current = ckpt.get("config", {}), self.config.flags()
-        changed = [f"--{key} {saved.get(key)} -> {value}" for key, value in current.items()
-                   if key not in NOT_RESUME_KEYS and saved.get(key) != value]
-        if changed:
-            raise InputError(f"--resume: {self.last} was trained with other values of {', '.join(changed)}; "
-                             f"resume with the flags the run started with, or start a new --run_dir.")
+        current = self.config.flags()
+        ckpt = load_resume_state(model, self.last, self.device, "meta", current,
+                                 [key for key in current if key not in NOT_RESUME_KEYS])
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["generator"])
         set_rng_state(ckpt["rng"], self.device)

@@ -28,7 +28,7 @@ from dataloader.pipelines import DeviceBatches, PilBatches, epoch_batches, to_de
 from dataloader.sampler import EpisodeSampler
 from dataloader.transforms import normalization
 from models import build_backbone
-from trainer.checkpoint import load_weights, save_checkpoint
+from trainer.checkpoint import load_resume_state, save_checkpoint
 from trainer.evaluate import evaluate_protonet
 from trainer.extract import extract_features
 from trainer.runs import RunFolder, default_run_dir
@@ -37,7 +37,12 @@ from utils.distributed import Processes, init_processes
 from utils.interrupt import StopRequest
 from utils.runtime import autocast, flag_on, rng_state, set_rng_state
 
-SAVE_EVERY = 10  # epoch-<N>.pth every this many epochs, as the original
+SAVE_EVERY = 10
+# Flags that --resume must find unchanged: they shape the training that last.pth continues (--pre_max_epoch may
+# grow; speed flags such as --augment pil/batch, --amp or --num_workers may change).
+RESUME_KEYS = ("dataset", "model_type", "pre_batch_size", "pre_lr", "pre_gamma", "pre_step_size",
+               "pre_custom_momentum", "pre_custom_weight_decay", "seed", "way", "shot", "val_query", "val_episodes",
+               "val_seed", "max_train_batches")  # epoch-<N>.pth every this many epochs, as the original
 
 
 def pretrain_lr(epoch: int, lr: float, gamma: float, step_size: int) -> float:
@@ -121,9 +126,7 @@ class Pretrainer:
         if not path.is_file():
             raise InputError(f"--resume: {path} not found; pass the --run_dir of the run to continue (a run "
                              f"killed in its first epoch has none: start it again without --resume).")
-        ckpt = load_weights(self.backbone, path, map_location=self.device, kind="backbone")
-        if "optimizer" not in ckpt:
-            raise InputError(f"--resume: {path} holds no training state (is it a plain backbone checkpoint?).")
+        ckpt = load_resume_state(self.backbone, path, self.device, "backbone", vars(self.args), RESUME_KEYS)
         self.classifier.load_state_dict(ckpt["classifier"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])

@@ -44,7 +44,7 @@ from dataloader.datasets import load_images
 from dataloader.sampler import EpisodeSampler, split_episode
 from dataloader.transforms import normalization
 from models import build_backbone
-from trainer.checkpoint import load_weights, save_checkpoint
+from trainer.checkpoint import load_resume_state, load_weights, save_checkpoint
 from trainer.evaluate import episode_accuracy, episode_indices, protonet_logits
 from dataloader.pipelines import batch_seed, to_device_if_it_fits
 from trainer.extract import default_weights, extract_features
@@ -185,15 +185,7 @@ class FinetuneRun:
             print(f"note: {self.last} not found: the {self.shot}-shot fine-tuning starts from epoch 1", flush=True)
             self.run.log.truncate_after("epoch", 0)
             return
-        ckpt = load_weights(self.backbone, self.last, map_location=self.device, kind="backbone")
-        if "optimizer" not in ckpt:
-            raise InputError(f"--resume: {self.last} holds no training state; start a new --run_dir.")
-        saved = ckpt.get("config", {})
-        changed = [f"--{key} {saved.get(key)} -> {self.config[key]}" for key in RESUME_KEYS
-                   if saved.get(key) != self.config[key]]
-        if changed:
-            raise InputError(f"--resume: {self.last} was trained with other values of {', '.join(changed)}; resume "
-                             f"with the flags the run started with, or start a new --run_dir.")
+        ckpt = load_resume_state(self.backbone, self.last, self.device, "backbone", self.config, RESUME_KEYS)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], self.device)
         self.epoch, self.episode = int(ckpt["epoch"]), int(ckpt["episode"])
