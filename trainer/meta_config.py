@@ -32,17 +32,6 @@ DATASET_DEFAULTS = {
 }
 AUTO_KEYS = ("metric", "inner_step_size", "inner_gamma", "normalize_input")
 
-# Offsets that give the training, validation and test episodes their own streams from one --seed; the test
-# episodes use --seed itself, so they are the ProtoNet baseline's (run_proto.py) for the same seed.
-TRAIN_SEED_OFFSET, VAL_SEED_OFFSET = 1_000_003, 2_000_003
-
-# Flags that --resume must find unchanged: they shape the training that last.pth continues (--max_epoch may grow).
-RESUME_KEYS = ("dataset", "model_type", "head", "way", "shot", "train_query", "val_query", "num_batch",
-               "val_episodes", "seed", "vlr", "weight_decay", "step_size", "gamma", "lamda", "metric",
-               "normalize_input", "inner_state", "gradlr", "inner_steps", "inner_weight_decay",
-               "inner_step_size", "inner_gamma")
-
-
 def auto_or(kind):
     """argparse type: the string ``auto`` or a value of type ``kind``."""
     def parse(text: str):

@@ -37,12 +37,12 @@ from utils.distributed import Processes, init_processes
 from utils.interrupt import StopRequest
 from utils.runtime import autocast, flag_on, rng_state, set_rng_state
 
-SAVE_EVERY = 10
+SAVE_EVERY = 10  # epoch-<N>.pth every this many epochs, as the original
 # Flags that --resume must find unchanged: they shape the training that last.pth continues (--pre_max_epoch may
 # grow; speed flags such as --augment pil/batch, --amp or --num_workers may change).
 RESUME_KEYS = ("dataset", "model_type", "pre_batch_size", "pre_lr", "pre_gamma", "pre_step_size",
                "pre_custom_momentum", "pre_custom_weight_decay", "seed", "way", "shot", "val_query", "val_episodes",
-               "val_seed", "max_train_batches")  # epoch-<N>.pth every this many epochs, as the original
+               "val_seed", "max_train_batches")
 
 
 def pretrain_lr(epoch: int, lr: float, gamma: float, step_size: int) -> float:
