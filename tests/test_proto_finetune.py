@@ -149,14 +149,14 @@ def test_every_backbone_input_is_pixel_normalised(tiny_image_root, pretrained, t
         (images,) = inputs
         seen.append((module.training, images.detach().clone()))
 
-    original_build = proto_finetune.build_backbone
+    original_load = proto_finetune.load_backbone
 
-    def build_with_hook(name):
-        backbone = original_build(name)
+    def load_with_hook(*args):
+        backbone = original_load(*args)
         backbone.register_forward_pre_hook(record)
         return backbone
 
-    monkeypatch.setattr(proto_finetune, "build_backbone", build_with_hook)
+    monkeypatch.setattr(proto_finetune, "load_backbone", load_with_hook)
     train_augment, augmented = proto_finetune.train_augment, []
     monkeypatch.setattr(proto_finetune, "train_augment",
                         lambda *a, **k: augmented.append(train_augment(*a, **k)) or augmented[-1])

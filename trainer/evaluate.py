@@ -88,6 +88,17 @@ def evaluate_protonet(features: torch.Tensor, targets, way: int, shot: int, quer
         one accuracy in [0, 1] per episode.
     """
     indices = episode_indices(targets, way, shot, query, episodes, seed, name).to(features.device)
+    return score_episodes(features, indices, way, shot, query)
+
+
+def score_episodes(features: torch.Tensor, indices: torch.Tensor, way: int, shot: int, query: int) -> list[float]:
+    """ProtoNet accuracy of episodes that index rows of ``features``.
+
+    Args:
+        features: (N, F) features; indices: (E, way*(shot+query)) rows of ``features``, shot-major, on its device.
+    Returns:
+        one accuracy in [0, 1] per episode, in episode order.
+    """
     accuracies = []
     for chunk in indices.split(_EPISODE_CHUNK):
         episode = split_episode(features[chunk].float(), way, shot, query)             # (B, n, F) each

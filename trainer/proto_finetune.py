@@ -41,13 +41,12 @@ from torch import nn
 
 from dataloader.batch_augment import train_augment
 from dataloader.datasets import load_images
+from dataloader.pipelines import batch_seed, to_device_if_it_fits
 from dataloader.sampler import EpisodeSampler, split_episode
 from dataloader.transforms import normalization
-from models import build_backbone
 from trainer.checkpoint import load_resume_state, load_weights, save_checkpoint
-from trainer.evaluate import episode_accuracy, episode_indices, protonet_logits
-from dataloader.pipelines import batch_seed, to_device_if_it_fits
-from trainer.extract import default_weights, extract_features
+from trainer.evaluate import episode_accuracy, episode_indices, protonet_logits, score_episodes
+from trainer.extract import default_weights, extract_features, load_backbone
 from trainer.meta import TRAIN_SEED_OFFSET, VAL_SEED_OFFSET
 from trainer.pre import pretrain_lr
 from trainer.runs import RunFolder, default_run_dir
@@ -56,8 +55,6 @@ from utils.interrupt import StopRequest
 from utils.runtime import autocast, flag_on, rng_state, set_rng_state
 
 METHOD = "protonet_finetune"
-# episodes scored per batched distance computation (see trainer.evaluate)
-EPISODE_CHUNK = 512
 # Flags that --resume must find unchanged: they shape the training that last.pth continues (--max_epoch may grow).
 RESUME_KEYS = ("dataset", "model_type", "way", "shot", "train_query", "val_query", "num_batch", "val_episodes",
                "seed", "vlr", "step_size", "gamma", "weights")
@@ -99,12 +96,7 @@ def episode_accuracies(net: nn.Module, images: np.ndarray, indices: torch.Tensor
     used, position = torch.unique(indices.cpu(), return_inverse=True)
     features = extract_features(net, images[used.numpy()], mean, std, device, batch_size, channels_last, amp,
                                 desc=desc).to(device)
-    accuracies = []
-    for chunk in position.to(device).split(EPISODE_CHUNK):
-        episode = split_episode(features[chunk].float(), way, shot, query)
-        logits = protonet_logits(episode.support, episode.support_labels, episode.query, way)
-        accuracies.append(episode_accuracy(logits, episode.query_labels))
-    return torch.cat(accuracies).tolist()
+    return score_episodes(features, position.to(device), way, shot, query)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -148,7 +140,8 @@ class FinetuneRun:
         self.args, self.shot, self.data, self.device, self.weights = args, shot, data, device, weights
         self.amp, self.channels_last = flag_on(args.amp, device), flag_on(args.channels_last, device)
         self.mean, self.std = normalization(args.model_type)
-        self.backbone = self.load_backbone(weights)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.backbone = load_backbone(args.model_type, weights, device).to(memory_format=memory_format)
         self.net = PixelNormalized(self.backbone)
         self.optimizer = torch.optim.Adam(self.backbone.parameters(), lr=args.vlr, weight_decay=0.0)
         self.config = {**vars(args), "shot": shot, "method": METHOD, "weights": str(weights), "device": str(device)}
@@ -158,12 +151,6 @@ class FinetuneRun:
         self.episode = 0           # episodes done in the epoch under way (non-zero only after a Ctrl-C)
         self.sums = [0.0, 0.0]     # loss and accuracy sums of the epoch under way
         self.best_acc, self.best_epoch = -1.0, 0
-
-    def load_backbone(self, path: Path) -> nn.Module:
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        backbone = build_backbone(self.args.model_type).to(self.device, memory_format=memory_format)
-        load_weights(backbone, path, map_location=self.device, kind="backbone")
-        return backbone
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: Path, val_acc: float, **extra) -> None:
