@@ -408,18 +408,16 @@ def plot(rows: Sequence[Row], path: Path) -> None:
 
 
 def report(folders: Sequence[str | Path], out: str | Path | None = None) -> tuple[list[Row], str]:
-    """Collect the results under ``folders``; write results.md, results.csv and results.png into ``out``
-    (default: the first folder). Returns the rows and the Markdown table."""
+    """Collect the results under ``folders``; write results.csv and results.png into ``out`` (default: the
+    first folder). Returns the rows and the Markdown table (the caller writes it where it belongs: the command
+    into results.md, the demo into its results.md with its notes)."""
     rows = collect(folders)
     out_dir = resolve_path(out if out is not None else folders[0])
     if out_dir.is_file():
         raise InputError(f"--out {out_dir}: a file, not a folder; pass a folder for results.csv and results.png.")
-    table = markdown(rows)
-    with atomic_write(out_dir / "results.md", "w") as f:
-        f.write(table + "\n")
     write_csv(rows, out_dir / "results.csv")
     plot(rows, out_dir / "results.png")
-    return rows, table
+    return rows, markdown(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,9 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report_command(args: argparse.Namespace) -> None:
-    """``python -m trainer.report``: print the table, write the CSV and the plot."""
+    """``python -m trainer.report``: print the table, write it as results.md beside the CSV and the plot."""
     _, table = report(args.run_dirs, args.out)
     out_dir = resolve_path(args.out if args.out is not None else args.run_dirs[0])
+    with atomic_write(out_dir / "results.md", "w") as f:
+        f.write(table + "\n")
     print(table)
     print(f"\nwrote results.md, results.csv and results.png into {out_dir}")
 
