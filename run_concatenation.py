@@ -5,10 +5,11 @@
     python run_concatenation.py --eval_weights runs/<run>/max_acc.pth --shot 1
 
 As the original, the input features are L2-normalised in training episodes only (--normalize_input train,
-the default through DATASET_DEFAULTS in trainer/meta.py), and the metric is cosine on cub and tiered.
+the default through DATASET_DEFAULTS in trainer/meta_config.py), and the metric is cosine on cub and tiered.
 Features come from data/<dataset>/<model_type>/feat-<split>.npz, extracted from --init_weights (default
-checkpoints/<dataset>/<model_type>.pth) when missing. Every flag: python run_concatenation.py --help.
-Edit the defaults below to change the runs for good.
+checkpoints/<dataset>/<model_type>.pth) when missing. Every test reports both protocols: independent episodes
+(reset) and the release's carried regressor (carry). Every flag: python run_concatenation.py --help (defined
+in trainer/meta_config.py). Edit the defaults below to change the runs for good.
 """
 import sys
 

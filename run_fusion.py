@@ -3,10 +3,12 @@
     python run_fusion.py                                   # miniImageNet, res12, 1-shot and 5-shot
     python run_fusion.py --shot 1 --setting tran           # transductive
     python run_fusion.py --eval_weights runs/<run>/max_acc.pth --shot 1
+    python run_fusion.py --lamda auto                      # one model per lambda of --lamda_grid, the best on validation
 
 Features come from data/<dataset>/<model_type>/feat-<split>.npz, extracted from --init_weights (default
-checkpoints/<dataset>/<model_type>.pth) when missing. Every flag: python run_fusion.py --help
-(defined in trainer/meta.py). Edit the defaults below to change the runs for good.
+checkpoints/<dataset>/<model_type>.pth) when missing. Every test reports both protocols: independent episodes
+(reset) and the release's carried regressor (carry). Every flag: python run_fusion.py --help (defined in
+trainer/meta_config.py). Edit the defaults below to change the runs for good.
 """
 import sys
 

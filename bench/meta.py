@@ -9,12 +9,12 @@ vectors of ``--dim``), for each head (fusion, concat), shot (1, 5) and inner-loo
 times the project's own code (``trainer.meta.train_epoch`` and ``trainer.meta.evaluate``) on training,
 validation and test episodes, and a plain reference written here that does what the original does per
 episode: 100 ``torch.optim.Adam`` steps (StepLR) on one ``nn.Linear(640, D)`` with loss mean(1 - cos), then
-the head, one episode at a time (plus the outer Adam step in training). Both run in this process on the same
+the head, one episode at a time (plus the outer Adam step in training): ``models.reference.plain_episode``. Both run in this process on the same
 episodes; the reference carries its regressor over (the original), so in carry mode both give the same
 accuracies. Only steady state is timed (every measurement is preceded by a warm-up on other episodes).
 
 It also times the inner loop alone on the same test episodes (``inner``): reset mode's
-``models.inner_loop.semantic_queries`` over all of them against ``plain_fit_regressor`` (autograd + a fresh
+``models.inner_loop.fit_semantic_regressor`` over all of them against ``plain_fit_regressor`` (autograd + a fresh
 ``torch.optim.Adam``) from the same initial state on each of the first ``--ref_episodes``, one after another.
 ``--threads`` applies to ours (reset mode then fits its chunks on that many worker threads) and, unless
 ``--ref_threads`` is given, to the reference: ``--threads 2 --ref_threads 2`` compares the whole machine
@@ -44,7 +44,9 @@ from torch import nn
 from bench import bench_parser, emit, fill_unset, machine, peak_memory, setup, timed
 from dataloader.datasets import FeatureSplit
 from dataloader.sampler import EpisodeSampler, episode_labels
-from models.inner_loop import INNER_STATES, plain_fit_regressor, semantic_queries
+from models.heads import TasNet
+from models.inner_loop import INNER_STATES, fit_semantic_regressor, plain_fit_regressor
+from models.reference import plain_episode
 from trainer.evaluate import episode_indices
 from trainer.meta import build_model, evaluate, gather_episodes, train_epoch
 from trainer.meta_config import MetaConfig, build_parser
@@ -125,66 +127,28 @@ def synthetic_splits(args: argparse.Namespace, device: torch.device) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------- reference
-class PlainTasNet(nn.Module):
-    """The original's two linear maps, with the same parameter names as :class:`models.heads.TasNet`."""
-
-    def __init__(self, feature_dim: int, semantic_dim: int):
-        super().__init__()
-        self.feat_learner = nn.Linear(feature_dim, semantic_dim)
-        self.word_learner = nn.Linear(feature_dim, semantic_dim)
-
-
-def plain_episode(model: PlainTasNet, split: FeatureSplit, index: torch.Tensor, config: MetaConfig, query: int,
-                  training: bool, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
-    """One episode the original way: index (way*(shot+query),) -> the query accuracy (0-d tensor)."""
-    way, shot, inner, head = config.way, config.shot, config.inner, config.head
-    data = split.features[index]
-    if config.normalize(training):
-        data = F.normalize(data, dim=-1)
-    support, queries = data[:way * shot], data[way * shot:]
-    semantic_protos = split.class_vectors[split.targets[index[:way]]]          # (way, D)
-    support_labels = episode_labels(way, shot, data.device)
-    query_labels = episode_labels(way, query, data.device)
-
-    inner_optimizer = torch.optim.Adam(model.word_learner.parameters(), lr=inner.lr, betas=inner.betas,
-                                       eps=inner.eps, weight_decay=inner.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(inner_optimizer, step_size=inner.step_size, gamma=inner.gamma)
-    support_targets = semantic_protos[support_labels]
-    with torch.enable_grad():
-        for _ in range(inner.steps):
-            loss = (1 - F.cosine_similarity(model.word_learner(support), support_targets, dim=-1)).mean()
-            inner_optimizer.zero_grad()
-            loss.backward()
-            inner_optimizer.step()
-            scheduler.step()
-    with torch.no_grad():
-        semantic_query = model.word_learner(queries)
-
-    with torch.set_grad_enabled(training):
-        visual_protos = model.feat_learner(support).view(shot, way, -1).mean(0)
-        visual_query = model.feat_learner(queries)
-        if head.head == "fusion":
-            prototypes = head.lamda * visual_protos + (1 - head.lamda) * semantic_protos
-            query_embeds = head.lamda * visual_query + (1 - head.lamda) * semantic_query
-        else:
-            prototypes = F.normalize(torch.cat([visual_protos, semantic_protos], 1), dim=1)
-            query_embeds = F.normalize(torch.cat([visual_query, semantic_query], 1), dim=1)
-        if head.metric == "euclidean":
-            logits = -((query_embeds.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(2)
-        else:
-            logits = F.normalize(query_embeds, dim=1) @ F.normalize(prototypes, dim=1).t()
+def plain_run(model: TasNet, split: FeatureSplit, indices: torch.Tensor, config: MetaConfig, query: int,
+              training: bool, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+    """The reference (:func:`models.reference.plain_episode`) over episodes (E, way*(shot+query)), one after the
+    other, with the outer Adam step in training -> (E,) accuracies."""
+    accuracies = []
+    for index in indices:
+        data = split.features[index]
+        if config.normalize(training):
+            data = F.normalize(data, dim=-1)
+        support, queries = data[:config.way * config.shot], data[config.way * config.shot:]
+        semantic_protos = split.class_vectors[split.targets[index[:config.way]]]
+        with torch.set_grad_enabled(training):
+            logits = plain_episode(model.feat_learner, model.word_learner, support, queries, semantic_protos,
+                                   config.shot, config.head_config, config.inner)
+        labels = episode_labels(config.way, query, data.device)
         if training:
-            loss = F.cross_entropy(logits, query_labels)
+            loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return (logits.argmax(1) == query_labels).float().mean().detach()
-
-
-def plain_run(model: PlainTasNet, split: FeatureSplit, indices: torch.Tensor, config: MetaConfig, query: int,
-              training: bool, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
-    """The reference over episodes (E, way*(shot+query)), one after the other -> (E,) accuracies."""
-    return torch.stack([plain_episode(model, split, index, config, query, training, optimizer) for index in indices])
+        accuracies.append((logits.argmax(1) == labels).float().mean().detach())
+    return torch.stack(accuracies)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -268,7 +232,7 @@ def bench_inner(shot: int, splits: dict[str, FeatureSplit], indices: dict, args:
 
     def ours(chosen):
         episodes = batch(chosen)
-        return lambda: semantic_queries(regressor, episodes.support, episodes.support_targets, episodes.query,
+        return lambda: fit_semantic_regressor(regressor, episodes.support, episodes.support_targets, episodes.query,
                                         config.inner, "reset")
 
     def plain(chosen):
@@ -301,9 +265,8 @@ def bench_reference(head: str, shot: int, splits: dict[str, FeatureSplit], indic
                     args: argparse.Namespace, device: torch.device) -> list[dict]:
     """The plain reference on the first ``--ref_episodes`` training and test episodes of the setting."""
     run_args, config = meta_config(head, shot, "carry", args)
-    initial = PlainTasNet(FEATURE_DIM, splits["train"].class_vectors.shape[1]).to(device)
-    # the same initial weights as ours (kaiming-normal regressor, zero bias), so carry-mode accuracies agree
-    initial.load_state_dict(initial_model(config, splits, args, device).state_dict())
+    # the same initial weights as ours, so carry-mode accuracies agree
+    initial = initial_model(config, splits, args, device)
     rows = []
     for phase, split in (("train", "train"), ("eval", "test")):
         count = min(args.ref_episodes, indices[split].shape[0] - args.warmup)

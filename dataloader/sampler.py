@@ -41,6 +41,20 @@ def split_episode(data: torch.Tensor, way: int, shot: int, query: int) -> Episod
                    data[..., n_support:, :], episode_labels(way, query, data.device))
 
 
+def check_episode_size(targets, way: int, shot: int, query: int, name: str = "split") -> torch.Tensor:
+    """Refuse episodes the split cannot fill, naming ``name`` and the flag to lower; returns the class counts."""
+    counts = torch.bincount(torch.as_tensor(targets, dtype=torch.long).cpu())
+    num_classes = int(counts.numel())
+    if way > num_classes:
+        raise InputError(f"{name}: way={way} but the split has only {num_classes} classes; lower --way.")
+    if int(counts.min()) < shot + query:
+        small = [c for c in range(num_classes) if counts[c] < shot + query]
+        raise InputError(f"{name}: class {small[0]} has {int(counts[small[0]])} samples, fewer than "
+                         f"shot+query = {shot}+{query} = {shot + query} ({len(small)} such classes); lower "
+                         f"--shot or the query count.")
+    return counts
+
+
 class EpisodeSampler:
     """Draws N-way episodes of dataset indices.
 
@@ -58,18 +72,11 @@ class EpisodeSampler:
     def __init__(self, targets, way: int, shot: int, query: int, num_episodes: int, seed: int | None = None,
                  name: str = "split"):
         targets = torch.as_tensor(targets, dtype=torch.long).cpu()
-        counts = torch.bincount(targets)
-        num_classes = int(counts.numel())
         if min(way, shot, query, num_episodes) < 1:
             raise InputError(f"way, shot, query and the episode count must be >= 1, got way={way} shot={shot} "
                              f"query={query} episodes={num_episodes}")
-        if way > num_classes:
-            raise InputError(f"{name}: way={way} but the split has only {num_classes} classes; lower --way.")
-        if int(counts.min()) < shot + query:
-            small = [c for c in range(num_classes) if counts[c] < shot + query]
-            raise InputError(f"{name}: class {small[0]} has {int(counts[small[0]])} samples, fewer than "
-                             f"shot+query = {shot}+{query} = {shot + query} ({len(small)} such classes); lower "
-                             f"--shot or the query count.")
+        counts = check_episode_size(targets, way, shot, query, name)
+        num_classes = int(counts.numel())
         self.way, self.shot, self.query, self.num_episodes = way, shot, query, num_episodes
         self.seed = seed
         # (C, max_count) table of the indices of every class, padded with -1 where a class is smaller.

@@ -104,21 +104,3 @@ def release_meta_params(feat_learner: dict, word_learner: dict, encoder_shapes: 
                    "word_learner.vars.0": weight.clone(), "word_learner.vars.1": bias.clone()})
     params.update({f"feat_learner.{key}": value.clone() for key, value in feat_learner.items()})
     return params
-
-
-def signal_on_call(function, call: int, signum: int | None = None):
-    """``function`` wrapped to send this process ``signum`` (default SIGINT, i.e. Ctrl-C) during its ``call``-th
-    call, before returning its result: the real signal path, handled by the trainer's stop request. Returns the
-    wrapper and the list that counts the calls."""
-    import os
-    import signal
-
-    calls = []
-
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGINT if signum is None else signum)
-        return function(*args, **kwargs)
-
-    return wrapper, calls

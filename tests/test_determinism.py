@@ -71,7 +71,7 @@ def test_pretraining_data_order_comes_from_the_seed():
     assert batch_seed(0, 1, 0, 0) != batch_seed(1, 1, 0, 0)
 
 
-def test_deterministic_flag_reaches_set_seed_in_pretraining(monkeypatch, capsys):
+def test_deterministic_flag_reaches_set_seed_in_pretraining(monkeypatch, capsys, tmp_path):
     seeds = []
 
     def stop(*args, **kwargs):
@@ -81,5 +81,5 @@ def test_deterministic_flag_reaches_set_seed_in_pretraining(monkeypatch, capsys)
     monkeypatch.setattr(pre, "Pretrainer", stop)
     for flags, expected in (([], (7, False)), (["--deterministic"], (7, True))):
         with pytest.raises(SystemExit):
-            run_pre.main(["--seed", "7", "--device", "cpu", "--run_dir", "unused", *flags])
+            run_pre.main(["--seed", "7", "--device", "cpu", "--run_dir", str(tmp_path / "run"), *flags])
         assert seeds.pop() == expected and "stopped after seeding" in capsys.readouterr().err

@@ -31,12 +31,12 @@ def test_logits_match_the_definition_single_and_batched():
     support = torch.randn(6, way * shot, 16, generator=gen, dtype=torch.float64)
     queries = torch.randn(6, way * query, 16, generator=gen, dtype=torch.float64)
     labels = torch.arange(way).repeat(shot)
-    batched = protonet_logits(support, labels, queries, way)
+    batched = protonet_logits(support, queries, way)
     assert batched.shape == (6, way * query, way)
     for b in range(6):
         expected = plain_logits(support[b].numpy(), labels.numpy(), queries[b].numpy(), way)
         np.testing.assert_allclose(batched[b].numpy(), expected, rtol=1e-12)
-        torch.testing.assert_close(protonet_logits(support[b], labels, queries[b], way), batched[b])
+        torch.testing.assert_close(protonet_logits(support[b], queries[b], way), batched[b])
 
 
 def clustered_features(classes: int, per_class: int, spread: float, seed: int = 0):

@@ -15,6 +15,7 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.evaluate import episode_indices
 from trainer.meta import gather_episodes, main
 from trainer.meta_config import DATASET_DEFAULTS, MetaConfig, build_parser
+from trainer.runs import step_lr
 from synthetic_data import DIM, release_meta_params, release_state_dict_keys, write_synthetic
 from utils import InputError
 
@@ -62,7 +63,8 @@ def test_explicit_flags_override_the_dataset_table():
 
 def test_outer_lr_is_stepped_at_each_epoch_start():
     config = MetaConfig.from_args(build_parser().parse_args(["--vlr", "1e-3", "--gamma", "0.5"]), shot=1)
-    assert [config.outer_lr(e) for e in (1, 9, 10, 19, 20)] == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
+    lrs = [step_lr(config.vlr, config.gamma, config.step_size, e) for e in (1, 9, 10, 19, 20)]
+    assert lrs == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
 
 
 def test_episode_order_labels_and_semantic_targets(data_root):
@@ -126,6 +128,54 @@ def test_carry_concat_saves_the_carried_regressor_and_eval_reproduces(data_root,
 
 
 @pytest.mark.slow
+def test_every_test_reports_both_protocols_as_separate_evaluations_give_them(data_root, tmp_path, capsys):
+    """A reset-trained fusion model, 250 test episodes: the run's result holds the independent and the carried
+    accuracy, each equal to an --eval_weights test with that --inner_state, and the carried one per block of 100."""
+    (result,) = run("run_fusion.py", data_root, tmp_path / "f", "--shot", "1", "--test_episodes", "250")
+    out = capsys.readouterr().out
+    assert "independent episodes (reset): " in out and "carried, as the release (carry): " in out
+    assert (result["test_acc"], result["test_ci95"]) == (result["test_acc_reset"], result["test_ci95_reset"])
+    weights = str(tmp_path / "f" / "max_acc.pth")
+    for state in ("reset", "carry"):
+        (alone,) = run("run_fusion.py", data_root, tmp_path / state, "--shot", "1", "--test_episodes", "250",
+                       "--inner_state", state, "--eval_weights", weights)
+        assert (alone["test_acc"], alone["test_ci95"]) == (result[f"test_acc_{state}"], result[f"test_ci95_{state}"])
+        assert (alone["test_acc_reset"], alone["test_acc_carry"]) == (result["test_acc_reset"],
+                                                                      result["test_acc_carry"])
+    blocks = result["carry_block_acc"]
+    assert len(blocks) == 3 and (100 * blocks[0] + 100 * blocks[1] + 50 * blocks[2]) / 250 == pytest.approx(
+        result["test_acc_carry"], abs=1e-6)
+    assert result["test_acc_carry"] != result["test_acc_reset"]
+
+
+@pytest.mark.slow
+def test_lamda_auto_trains_one_model_per_value_and_tests_the_best_on_validation(data_root, tmp_path, capsys):
+    (result,) = run("run_fusion.py", data_root, tmp_path / "a", "--shot", "1", "--lamda", "auto", "--lamda_grid",
+                    "0", "0.5", "1")
+    assert result["lamda_grid"] == [0.0, 0.5, 1.0] and len(result["lamda_val_acc"]) == 3
+    best = max(range(3), key=lambda i: (result["lamda_val_acc"][i], -i))
+    assert result["lamda"] == result["lamda_grid"][best] and result["val_best_acc"] == result["lamda_val_acc"][best]
+    for value in ("0", "0.5", "1"):
+        folder = tmp_path / "a" / f"lamda{value}"
+        assert (folder / "max_acc.pth").is_file() and not (folder / "result.json").exists()   # only the best is tested
+        assert json.loads((folder / "config.json").read_text())["lamda"] == float(value)
+    assert json.loads((tmp_path / "a" / "result.json").read_text())["lamda"] == result["lamda"]
+    assert f"lamda {result['lamda']:g} has the best validation accuracy" in capsys.readouterr().out
+    # what the run tested is what --eval_weights with the chosen lambda gives
+    (alone,) = run("run_fusion.py", data_root, tmp_path / "e", "--shot", "1", "--lamda", str(result["lamda"]),
+                   "--eval_weights", str(tmp_path / "a" / f"lamda{result['lamda']:g}" / "max_acc.pth"))
+    assert alone["test_acc"] == result["test_acc"]
+
+
+def test_pretraining_flags_do_nothing_in_the_meta_stage_and_say_so(data_root, tmp_path, capsys):
+    with pytest.raises(InputError):  # stop before any work: the data root has no such dataset
+        run("run_fusion.py", data_root, tmp_path / "p", "--pre_lr", "0.5", "--pre_max_epoch", "3", "--dataset",
+            "nowhere")
+    assert capsys.readouterr().out.splitlines()[0] == ("note: --pre_max_epoch --pre_lr configure pretraining "
+                                                       "(run_pre.py) and do nothing in this stage")
+
+
+@pytest.mark.slow
 def test_release_meta_checkpoint_evaluates_as_the_release(data_root, tmp_path, reference_dir, capsys):
     """A meta checkpoint in the release's layout, holding the same weights as one of ours, tests identically:
     carry mode continues its carried regressor; reset mode says where the release's number comes from."""
@@ -141,7 +191,7 @@ def test_release_meta_checkpoint_evaluates_as_the_release(data_root, tmp_path, r
                      "--eval_weights", str(tmp_path / "release.pth"))
     assert carried["test_acc"] == ours["test_acc"] and "--inner_state carry" not in capsys.readouterr().out
     run("run_fusion.py", data_root, tmp_path / "rr", "--shot", "1", "--eval_weights", str(tmp_path / "release.pth"))
-    notes = [line for line in capsys.readouterr().out.splitlines() if "release" in line]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:") and "release" in line]
     assert len(notes) == 1 and "--inner_state carry" in notes[0]
 
 

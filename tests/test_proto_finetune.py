@@ -21,9 +21,9 @@ from trainer import proto_finetune
 from trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from trainer.evaluate import episode_indices, evaluate_protonet, evaluate_protonet_per_episode
 from trainer.extract import extract_features
-from trainer.pre import pretrain_lr
+from trainer.runs import Run, step_lr
+from utils.interrupt import StopRequest
 from utils import mean_ci95
-from synthetic_data import signal_on_call
 
 TINY = ["--finetune", "--model_type", "conv4", "--device", "cpu", "--way", "3", "--shot", "1", "--train_query", "2",
         "--val_query", "2", "--query", "2", "--episodes", "4", "--val_episodes", "3", "--num_batch", "2",
@@ -125,19 +125,15 @@ def test_learning_rate_steps_at_each_epoch_start(tiny_image_root, pretrained, tm
     args = run_proto.parse_args(tiny_argv(tiny_image_root, pretrained, tmp_path, "--max_epoch", "35", "--vlr",
                                           "0.001"))
     device = torch.device("cpu")
-    run = proto_finetune.FinetuneRun(args, 1, proto_finetune.ImageSplits(args, device), tmp_path, device, pretrained)
+    run = proto_finetune.FinetuneRun(args, 1, proto_finetune.ImageSplits(args, device), Run(tmp_path, vars(args)),
+                                     device, pretrained)
     seen = []
-
-    def train_epoch(epoch, sampler, stop):
-        seen.append(run.optimizer.param_groups[0]["lr"])
-        run.episode = args.num_batch
-        return True
-
-    monkeypatch.setattr(run, "train_epoch", train_epoch)
+    monkeypatch.setattr(run, "train_epoch",
+                        lambda epoch, sampler, stop: seen.append(run.optimizer.param_groups[0]["lr"]) or (0.0, 0.0))
     monkeypatch.setattr(run, "end_epoch", lambda *a: None)
-    run.train()
+    run.train(StopRequest())
     assert run.optimizer.defaults["weight_decay"] == 0
-    assert seen == pytest.approx([pretrain_lr(e, 1e-3, 0.5, 10) for e in range(1, 36)], rel=1e-12)
+    assert seen == pytest.approx([step_lr(1e-3, 0.5, 10, e) for e in range(1, 36)], rel=1e-12)
     assert (seen[0], seen[8], seen[9], seen[19], seen[34]) == pytest.approx((1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4))
 
 
@@ -169,43 +165,6 @@ def test_every_backbone_input_is_pixel_normalised(tiny_image_root, pretrained, t
     train_inputs = [images for training, images in seen if training]
     for received, batch in zip(train_inputs, augmented, strict=True):
         torch.testing.assert_close(received, F.normalize(batch, dim=1))
-
-
-@pytest.mark.slow
-def test_ctrl_c_and_resume_reach_the_straight_result(tiny_image_root, pretrained, tmp_path, monkeypatch):
-    """2 epochs straight == Ctrl-C after episode 1 of epoch 1, --resume to epoch 1, --resume to epoch 2."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_proto.main(tiny_argv(tiny_image_root, pretrained, straight, "--max_epoch", "2"))
-
-    cross_entropy = proto_finetune.F.cross_entropy
-    interrupt_first_call, calls = signal_on_call(cross_entropy, call=1)   # Ctrl-C during the first episode
-    monkeypatch.setattr(proto_finetune.F, "cross_entropy", interrupt_first_call)
-    with pytest.raises(SystemExit) as stop:
-        run_proto.main(tiny_argv(tiny_image_root, pretrained, resumed, "--max_epoch", "2"))
-    assert stop.value.code == 130 and len(calls) == 1
-    ckpt = load_checkpoint(resumed / "last.pth")
-    assert (ckpt["epoch"], ckpt["episode"]) == (0, 1) and not (resumed / "result.json").exists()
-    monkeypatch.setattr(proto_finetune.F, "cross_entropy", cross_entropy)
-
-    run_proto.main(tiny_argv(tiny_image_root, pretrained, resumed, "--max_epoch", "1", "--resume"))
-    assert load_checkpoint(resumed / "last.pth")["epoch"] == 1
-    run_proto.main(tiny_argv(tiny_image_root, pretrained, resumed, "--max_epoch", "2", "--resume"))
-
-    a, b = load_checkpoint(straight / "last.pth"), load_checkpoint(resumed / "last.pth")
-    assert a["epoch"] == b["epoch"] == 2
-    for key in a["params"]:
-        assert torch.equal(a["params"][key], b["params"][key]), key
-    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
-        assert torch.equal(state_a["exp_avg"], state_b["exp_avg"])
-
-    def log(folder):
-        return [{k: v for k, v in json.loads(line).items() if "per_s" not in k}
-                for line in (folder / "log.jsonl").read_text().splitlines()]
-
-    assert log(straight) == log(resumed) and [r["epoch"] for r in log(resumed)] == [1, 2]
-    result_a, result_b = (json.loads((d / "result.json").read_text()) for d in (straight, resumed))
-    for key in ("test_acc", "test_ci95", "val_best_acc", "val_best_epoch"):
-        assert result_a[key] == result_b[key], key
 
 
 def test_resume_refuses_changed_flags(tiny_image_root, pretrained, tmp_path, capsys):

@@ -84,7 +84,7 @@ def resolved(head: str, dataset: str) -> MetaConfig:
 ])
 def test_release_dataset_branches_pick_metric_inner_schedule_and_normalisation(head, dataset, metric, step_size, gamma):
     config = resolved(head, dataset)
-    assert (config.head.metric, config.inner.step_size, config.inner.gamma) == (metric, step_size, gamma)
+    assert (config.metric, config.inner.step_size, config.inner.gamma) == (metric, step_size, gamma)
     # the release L2-normalises concat's input features in training episodes only; fusion never
     assert config.normalize(training=True) == (head == "concat") and not config.normalize(training=False)
 
@@ -189,7 +189,7 @@ def test_training_loop_passes_the_transductive_setting(monkeypatch):
         monkeypatch.setattr(heads, "refine_prototypes", lambda *a: calls.append(1) or real_refine(*a))
         args = build_parser().parse_args(["--setting", setting, "--inner_steps", "2", "--shot", "1"])
         config = MetaConfig.from_args(args, shot=1)
-        model = TasNet(640, 12, config.head)
+        model = TasNet(640, 12, config.head_config)
         optimizer = torch.optim.Adam(model.feat_learner.parameters())
         indices = meta.EpisodeSampler(split.targets, 5, 1, 3, 2).sample(2, torch.Generator().manual_seed(0))
         meta.train_epoch(model, optimizer, split, indices, config, query=3)

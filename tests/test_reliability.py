@@ -249,22 +249,30 @@ def test_malformed_glove_lines_are_skipped_and_counted_by_the_prepare_command(tm
     (["--resume", "--eval_weights", "x.pth"], "--resume continues an interrupted training: pass the --run_dir of "
                                               "that run, and no --eval_weights."),
     (["--shot", "1", "1"], "--shot lists a value twice: [1, 1]."),
-    (["--lamda", "1.5"], "--lamda is the weight of the visual part and must lie in [0, 1], got 1.5."),
+    (["--lamda", "auto", "--head", "concat"], "--lamda auto chooses the fusion head's weight; the concat head has "
+                                              "no lambda (it concatenates the visual and semantic parts). Drop "
+                                              "--lamda auto."),
 ])
 def test_contradictory_meta_flags_get_one_error_line(flags, message, root, tmp_path, capsys):
     assert fusion(root, tmp_path / "run", *flags) == 2
     assert error_line(capsys) == f"error: {message}"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lamda", "1.5"], "argument --lamda: must lie in [0, 1], got 1.5"),
+    (["--way", "0"], "argument --way: must be >= 1, got 0"),
+    (["--inner_steps", "-1"], "argument --inner_steps: must be >= 0, got -1"),
+])
+def test_impossible_flag_values_are_named_by_argparse(flags, message, root, tmp_path, capsys):
+    assert fusion(root, tmp_path / "run", *flags) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "Traceback" not in err
+
+
 def test_resume_needs_an_existing_run_folder(root, tiny_image_root, tmp_path, capsys):
     assert fusion(root, tmp_path / "never-ran", "--resume") == 2
-    assert error_line(capsys) == f"error: --resume: run folder {tmp_path / 'never-ran'} not found."
-    with pytest.raises(SystemExit) as exit_:
-        run_pre.main(["--data_root", str(tiny_image_root), "--device", "cpu", "--run_dir", str(tmp_path), "--resume"])
-    assert exit_.value.code == 2
-    assert error_line(capsys) == (f"error: --resume: {tmp_path / 'last.pth'} not found; pass the --run_dir of the run "
-                                  f"to continue (a run killed in its first epoch has none: start it again without "
-                                  f"--resume).")
+    assert error_line(capsys) == (f"error: --resume: run folder {tmp_path / 'never-ran'} not found; pass the --run_dir "
+                                  f"of the run to continue.")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -8,31 +8,31 @@ original did (which made a ``module.``-prefixed WRN checkpoint load nothing).
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from utils.io import InputError, atomic_write
 
-# Wrappers that prefix every key: DataParallel/DDP, the original MTL model (`encoder.`), torch.compile.
-_PREFIXES = ("module.", "_orig_mod.", "encoder.")
-
-
 def save_checkpoint(path: str | os.PathLike, params: Mapping[str, torch.Tensor], **metadata) -> None:
     """Write ``{'params': params, **metadata}`` atomically (temp file + ``os.replace``).
 
     Metadata must be plain Python (numbers, strings, lists, dicts) or tensors so that it loads with
-    ``weights_only=True``.
+    ``weights_only=True``. torch serialises into memory first: its zip writer turns the ``OSError`` of a failed
+    write into a ``RuntimeError`` of its own, while a plain write of the bytes fails with the ``OSError`` itself.
     """
     state = {"params": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in params.items()}}
     state.update(metadata)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_write(path) as f:
-        torch.save(state, f)
+        f.write(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -179,28 +179,4 @@ def load_weights(module: nn.Module, path: str | os.PathLike, map_location: str |
         raise InputError(f"{path}: the checkpoint does not fit {type(module).__name__} ({problem}). "
                          f"Is it for another architecture, dataset or feature dimension?")
     module.load_state_dict(state_dict, strict=True)
-    return ckpt
-
-
-def load_resume_state(module: nn.Module, path: str | os.PathLike, map_location: str | torch.device, kind: str,
-                      config: Mapping | None = None, keys: Iterable[str] = ()) -> dict:
-    """The ``last.pth`` that ``--resume`` continues, for every trainer: the weights loaded into ``module``
-    (keys checked), the training state present, and the settings that shape the training unchanged.
-
-    Args:
-        config: the resumed run's settings (flag name -> value); ``keys``: the ones that must equal those the
-            checkpoint recorded in its ``config`` (the others, e.g. ``--max_epoch``, may change).
-
-    Returns:
-        the checkpoint dict (optimizer state, RNG states, position, ...), for the trainer to restore.
-    """
-    ckpt = load_weights(module, path, map_location=map_location, kind=kind)
-    if "optimizer" not in ckpt:
-        raise InputError(f"--resume: {path} holds no training state (a plain {kind} checkpoint?); pass the "
-                         f"--run_dir of an interrupted run, or start a new one.")
-    saved = ckpt.get("config", {})
-    changed = [f"--{key} {saved.get(key)} -> {config[key]}" for key in keys if saved.get(key) != config[key]]
-    if changed:
-        raise InputError(f"--resume: {path} was trained with other values of {', '.join(changed)}; resume with the "
-                         f"flags the run started with, or start a new --run_dir.")
     return ckpt

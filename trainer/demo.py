@@ -154,6 +154,8 @@ def meta(args: argparse.Namespace, head: str, weights: Path, run_dir: Path) -> d
         seed=args.seed, device=args.device, run_dir=str(run_dir))
     results = meta_main(meta_args)
     return {r["shot"]: {"acc": r["test_acc"], "ci95": r["test_ci95"], "inner_state": r["inner_state"],
+                        **{key: r[key] for key in ("test_acc_reset", "test_ci95_reset", "test_acc_carry",
+                                                   "test_ci95_carry", "carry_block_acc")},
                         "metric": r["metric"], "lamda": r["lamda"], "normalize_input": r["normalize_input"],
                         "val_best_acc": r["val_best_acc"], "val_best_epoch": r["val_best_epoch"]}
             for r in results}
@@ -169,11 +171,10 @@ def footer(args: argparse.Namespace, pre_acc: float, table: dict[str, dict[int, 
         f"validation episodes per epoch (the paper: 10 x 100), {args.query} queries per class; fusion: lamda "
         f"{fusion['lamda']} (weight of the visual part), {fusion['metric']} metric; concat: {concat['metric']} "
         f"metric, input features L2-normalised: {concat['normalize_input']}",
-        f"inner_state {args.inner_state}: "
-        + ("every episode fits the semantic regressor from the same state (independent test episodes)"
-           if args.inner_state == "reset" else
-           "the regressor carries over from episode to episode, as the original release (test episodes are "
-           "not independent)"),
+        f"TasNet trained with --inner_state {args.inner_state}, each checkpoint tested twice on the same episodes: "
+        f"reset, every episode fits the semantic regressor from the saved state (independent episodes); carry, "
+        f"the release's protocol, the regressor carries over from episode to episode, so each test episode also "
+        f"learns from the support sets of the earlier ones",
         f"all methods are scored on the same {args.test_episodes} test episodes (seed {args.seed})",
     ]
 

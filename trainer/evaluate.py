@@ -24,39 +24,25 @@ from dataloader.datasets import load_features, load_images
 from dataloader.sampler import EpisodeSampler, split_episode
 from dataloader.transforms import normalization
 from models import build_backbone
+from models.heads import class_prototypes
 from trainer.checkpoint import load_weights
 from trainer.extract import default_weights, ensure_features, extract_features
-from trainer.runs import RunFolder, default_run_dir
+from trainer.runs import Run, default_run_dir, locked
 from utils import mean_ci95, resolve_device, resolve_path, set_seed
 
 # episodes scored per batched distance computation: (chunk, way*(shot+query), 640) floats stays ~100 MB
 _EPISODE_CHUNK = 512
 
 
-def prototypes(support: torch.Tensor, support_labels: torch.Tensor, way: int) -> torch.Tensor:
-    """Mean support feature per class.
-
-    Args:
-        support: (..., S, F) support features.
-        support_labels: (S,) labels in 0..way-1 (shared by every episode of the batch).
-    Returns:
-        (..., way, F) prototypes.
-    """
-    one_hot = torch.nn.functional.one_hot(support_labels, way).to(support.dtype)       # (S, way)
-    # one matmul per batch of episodes; dividing by the shot count per class gives the mean
-    return (one_hot.t() @ support) / one_hot.sum(dim=0).unsqueeze(-1)
-
-
-def protonet_logits(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
-                    way: int) -> torch.Tensor:
+def protonet_logits(support: torch.Tensor, query: torch.Tensor, way: int) -> torch.Tensor:
     """Negative squared Euclidean distance of every query to every class prototype.
 
     Args:
-        support: (..., S, F); support_labels: (S,); query: (..., Q, F).
+        support: (..., way*shot, F) in shot-major order (:mod:`dataloader.sampler`); query: (..., Q, F).
     Returns:
         (..., Q, way) logits.
     """
-    protos = prototypes(support, support_labels, way)                                   # (..., way, F)
+    protos = class_prototypes(support, way, support.shape[-2] // way)                  # (..., way, F)
     # the exact difference form (not ||q||^2 - 2 q.p + ||p||^2) so ties and rounding match a plain loop
     return -((query.unsqueeze(-2) - protos.unsqueeze(-3)) ** 2).sum(dim=-1)
 
@@ -102,7 +88,7 @@ def score_episodes(features: torch.Tensor, indices: torch.Tensor, way: int, shot
     accuracies = []
     for chunk in indices.split(_EPISODE_CHUNK):
         episode = split_episode(features[chunk].float(), way, shot, query)             # (B, n, F) each
-        logits = protonet_logits(episode.support, episode.support_labels, episode.query, way)
+        logits = protonet_logits(episode.support, episode.query, way)
         accuracies.append(episode_accuracy(logits, episode.query_labels))
     return torch.cat(accuracies).tolist()
 
@@ -122,7 +108,7 @@ def evaluate_protonet_per_episode(embed: Callable[[np.ndarray], torch.Tensor], i
     accuracies = []
     for index in episode_indices(targets, way, shot, query, episodes, seed, name):
         episode = split_episode(embed(images[index.numpy()]).float(), way, shot, query)
-        logits = protonet_logits(episode.support, episode.support_labels, episode.query, way)
+        logits = protonet_logits(episode.support, episode.query, way)
         accuracies.append(float(episode_accuracy(logits, episode.query_labels)))
     return accuracies
 
@@ -156,7 +142,6 @@ def proto_baseline(args: argparse.Namespace) -> dict:
         features = extract_features(backbone, images, mean, std, device, args.batch_size,
                                     desc=f"features {args.split}")
         source = str(weights)
-    run = RunFolder(args.run_dir or default_run_dir("proto", args.dataset, args.model_type), args)
     result = {"method": "protonet", "dataset": args.dataset, "model_type": args.model_type, "split": args.split,
               "way": args.way, "query": args.query, "episodes": args.episodes, "seed": args.seed,
               "features": source, "weights": str(weights), "shots": {}}
@@ -167,6 +152,7 @@ def proto_baseline(args: argparse.Namespace) -> dict:
         result["shots"][str(shot)] = {"acc": mean_acc, "ci95": ci95}
         print(f"ProtoNet {args.dataset} {args.split} {args.way}-way {shot}-shot ({args.model_type}): "
               f"{100 * mean_acc:.2f} +- {100 * ci95:.2f} % over {args.episodes} episodes (seed {args.seed})")
-    path = run.save_result(result)
+    with locked(args.run_dir or default_run_dir("proto", args.dataset, args.model_type)) as run_dir:
+        path = Run(run_dir, vars(args)).save_result(result)
     print(f"result: {path}")
     return result

@@ -23,8 +23,9 @@ Behaviour of the original release kept on purpose (docs/release.md), each with a
 from __future__ import annotations
 
 import argparse
+import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -32,14 +33,15 @@ import torch
 import torch.nn.functional as F
 
 from dataloader.datasets import FeatureSplit
-from dataloader.sampler import EpisodeSampler, split_episode
+from dataloader.sampler import EpisodeSampler, check_episode_size, split_episode
 from models.heads import TasNet
-from models.inner_loop import semantic_queries
-from trainer.checkpoint import load_checkpoint, load_resume_state, load_weights, save_checkpoint, strip_prefixes
+from models.inner_loop import fit_semantic_regressor
+from trainer.checkpoint import load_checkpoint, load_weights, strip_prefixes
 from trainer.evaluate import episode_accuracy, episode_indices
 from trainer.extract import load_feature_splits
-from trainer.meta_config import MetaConfig
-from trainer.runs import RunFolder, default_run_dir
+from trainer.flags import unused_pretraining_flags
+from trainer.meta_config import MetaConfig, check_flags
+from trainer.runs import Run, default_run_dir, locked, set_lr, step_lr
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
 from utils.cli import run_cli
 from utils.interrupt import StopRequest
@@ -49,9 +51,11 @@ from utils.runtime import rng_state, set_rng_state
 # episodes use --seed itself, so they are the ProtoNet baseline's (run_proto.py) for the same seed.
 TRAIN_SEED_OFFSET, VAL_SEED_OFFSET = 1_000_003, 2_000_003
 
-# Settings that --resume must find unchanged: they shape the training that last.pth continues (--max_epoch may
-# grow; the test settings may change).
-NOT_RESUME_KEYS = ("max_epoch", "test_query", "test_episodes", "episode_batch")
+# Flags that --resume lets change: more epochs, the test, and the batching of the episodes (results do not depend
+# on it); every other flag shapes the training that last.pth continues.
+RESUME_FREE = ("max_epoch", "test_query", "test_episodes", "episode_batch", "init_weights", "extract_batch_size")
+# Test episodes per block of carry_block_acc: the carried protocol's accuracy climbs from block to block.
+CARRY_BLOCK = 100
 
 
 @dataclass
@@ -82,10 +86,14 @@ def gather_episodes(split: FeatureSplit, indices: torch.Tensor, config: MetaConf
     return EpisodeBatch(episode.support, episode.query, semantic_protos, support_targets, episode.query_labels)
 
 
-def episode_semantics(model: TasNet, batch: EpisodeBatch, config: MetaConfig) -> torch.Tensor:
-    """The inner loop on every episode of the batch: (B, way*query, D) semantic queries."""
-    return semantic_queries(model.word_learner, batch.support, batch.support_targets, batch.query, config.inner,
-                            config.inner_state)
+def fit_regressor(model: TasNet, batch: EpisodeBatch, config: MetaConfig) -> torch.Tensor:
+    """The inner loop: fit the semantic regressor ``word_learner`` on each episode's support set (``inner_steps``
+    Adam steps towards the class vectors), then map the episode's queries: (B, way*query, D) semantic queries.
+
+    ``--inner_state reset`` fits every episode from the regressor's current state and leaves it unchanged;
+    ``carry`` fits it in place, episode after episode (:mod:`models.inner_loop`)."""
+    return fit_semantic_regressor(model.word_learner, batch.support, batch.support_targets, batch.query,
+                                  config.inner, config.inner_state)
 
 
 @torch.no_grad()
@@ -99,7 +107,7 @@ def evaluate(model: TasNet, split: FeatureSplit, indices: torch.Tensor, config: 
     accuracies = []
     for chunk in indices.split(config.episode_batch):
         batch = gather_episodes(split, chunk, config, query, training=False)
-        semantic_query = episode_semantics(model, batch, config)
+        semantic_query = fit_regressor(model, batch, config)
         logits = model(batch.support, batch.query, batch.semantic_protos, semantic_query, config.shot,
                        transductive=config.setting == "tran")
         accuracies.append(episode_accuracy(logits, batch.query_labels))
@@ -115,7 +123,7 @@ def train_epoch(model: TasNet, optimizer: torch.optim.Optimizer, split: FeatureS
     for chunk in indices.split(config.episode_batch):
         batch = gather_episodes(split, chunk, config, query, training=True)
         # The regressor's fit does not depend on feat_learner, so the chunk's inner loops can run first.
-        semantic_query = episode_semantics(model, batch, config)
+        semantic_query = fit_regressor(model, batch, config)
         for b in range(chunk.shape[0]):
             logits = model(batch.support[b], batch.query[b], batch.semantic_protos[b], semantic_query[b],
                            config.shot, transductive=config.setting == "tran")
@@ -131,7 +139,7 @@ def train_epoch(model: TasNet, optimizer: torch.optim.Optimizer, split: FeatureS
 
 
 def build_model(config: MetaConfig, feature_dim: int, semantic_dim: int, device: torch.device) -> TasNet:
-    return TasNet(feature_dim, semantic_dim, config.head).to(device)
+    return TasNet(feature_dim, semantic_dim, config.head_config).to(device)
 
 
 def load_meta_model(path: str | Path, config: MetaConfig, feature_dim: int, semantic_dim: int,
@@ -148,155 +156,156 @@ def load_meta_model(path: str | Path, config: MetaConfig, feature_dim: int, sema
     if found_dim != semantic_dim:
         raise InputError(f"{path}: the model maps to D = {found_dim} but the class vectors of this dataset have "
                          f"D = {semantic_dim}; it was trained with another word-vector file or dataset.")
-    if ckpt.get("head", config.head.head) != config.head.head:
+    if ckpt.get("head", config.head) != config.head:
         script = "run_fusion.py" if ckpt["head"] == "fusion" else "run_concatenation.py"
-        raise InputError(f"{path}: trained with the {ckpt['head']} head, but this run uses the {config.head.head} "
+        raise InputError(f"{path}: trained with the {ckpt['head']} head, but this run uses the {config.head} "
                          f"head; evaluate it with {script}.")
+    trained_lamda = ckpt.get("config", {}).get("lamda")
+    if config.head == "fusion" and trained_lamda not in (None, config.lamda):
+        print(f"note: {path} was trained with --lamda {trained_lamda}; testing with --lamda {config.lamda}")
     model = build_model(config, feature_dim, semantic_dim, device)
     load_weights(model, path, map_location=device, kind="meta")
     return model, ckpt
 
 
 class MetaRun:
-    """Training and testing of one shot setting in its run folder."""
+    """Training and testing of one model (one shot, one lambda) in its run folder.
 
-    def __init__(self, config: MetaConfig, splits: dict[str, FeatureSplit], run_dir: Path, device: torch.device,
-                 resume: bool = False, sources: dict | None = None, resume_dir: Path | None = None):
-        """``sources``: where the inputs came from (data root, checkpoints), recorded in config.json;
-        ``resume_dir``: the --run_dir that continues this run (``run_dir`` itself, or its parent for shot<K>/)."""
-        self.config, self.splits, self.device, self.resume = config, splits, device, resume
-        self.resume_dir = resume_dir or run_dir
+    Args:
+        config: the resolved flags; splits: the feature splits on ``device``; run: the folder (:class:`Run`).
+    """
+
+    def __init__(self, config: MetaConfig, splits: dict[str, FeatureSplit], run: Run, device: torch.device):
+        self.config, self.splits, self.run, self.device = config, splits, run, device
         any_split = next(iter(splits.values()))
         self.feature_dim, self.semantic_dim = any_split.features.shape[1], any_split.class_vectors.shape[1]
-        self.run = RunFolder(run_dir, {**config.flags(), **(sources or {}), "device": str(device),
-                                       "semantic_dim": self.semantic_dim}, resume=resume)
-        self.checkpoint = self.run.path / "max_acc.pth"
-        self.last = self.run.path / "last.pth"
-        self.label = f"[{config.head.head} {config.shot}-shot]"
+        self.label = f"[{config.head} {config.shot}-shot" + (f" lamda {config.lamda}]" if config.head == "fusion"
+                                                              else "]")
 
     def episodes(self, split: str, query: int, count: int, seed: int) -> torch.Tensor:
         """The fixed episodes of a split for a seed: (count, way*(shot+query)) indices on the device."""
-        data = self.splits[split]
-        return episode_indices(data.targets.cpu(), self.config.way, self.config.shot, query, count, seed,
-                               name=f"{self.config.dataset} {split}").to(self.device)
+        return episode_indices(self.splits[split].targets.cpu(), self.config.way, self.config.shot, query, count,
+                               seed, name=f"{self.config.dataset} {split}").to(self.device)
 
-    def save(self, model: TasNet, epoch: int, val_acc: float, path: Path | None = None, **extra) -> None:
-        config = self.config
-        save_checkpoint(path or self.checkpoint, model.state_dict(), **extra, kind="meta", head=config.head.head,
-                        semantic_dim=self.semantic_dim, feature_dim=self.feature_dim, epoch=epoch, val_acc=val_acc,
-                        inner_state=config.inner_state, config=config.flags())
+    def save(self, path: Path, model: TasNet, epoch: int, val_acc: float, **extra) -> None:
+        self.run.save(path, model.state_dict(), **extra, kind="meta", head=self.config.head,
+                      semantic_dim=self.semantic_dim, feature_dim=self.feature_dim, epoch=epoch, val_acc=val_acc,
+                      inner_state=self.config.inner_state)
 
-    def train(self) -> tuple[float, int]:
-        """Train ``max_epoch`` epochs; returns the best validation accuracy and its epoch."""
-        config = self.config
+    def train(self, stop: StopRequest) -> tuple[float, int]:
+        """Train ``max_epoch`` epochs (or continue them); returns the best validation accuracy and its epoch."""
+        config, run = self.config, self.run
         model = build_model(config, self.feature_dim, self.semantic_dim, self.device)
         optimizer = torch.optim.Adam(model.feat_learner.parameters(), lr=config.vlr, weight_decay=config.weight_decay)
         sampler = EpisodeSampler(self.splits["train"].targets.cpu(), config.way, config.shot, config.train_query,
                                  config.num_batch, name=f"{config.dataset} train")
         generator = torch.Generator().manual_seed(config.seed + TRAIN_SEED_OFFSET)
         val_indices = self.episodes("val", config.val_query, config.val_episodes, config.seed + VAL_SEED_OFFSET)
-        best_acc, best_epoch, first_epoch = -1.0, 0, 1
-        if self.resume:
-            best_acc, best_epoch, first_epoch = self.restore(model, optimizer, generator)
-        with StopRequest("this episode") as stop:
-            for epoch in range(first_epoch, config.max_epoch + 1):
-                progress = self.train_one_epoch(epoch, model, optimizer, sampler, generator, val_indices, best_acc,
-                                                best_epoch, stop)
-                if progress is None:
-                    # last.pth holds the previous epoch; this one is redone identically on --resume
-                    done = f"epoch {epoch - 1} is the last complete one" if self.last.is_file() else "no epoch completed"
-                    stop.exit_for_resume(self.resume_dir, f"stopped in epoch {epoch} ({done})")
-                best_acc, best_epoch = progress
-                if stop.requested:
-                    stop.exit_for_resume(self.resume_dir, f"stopped after epoch {epoch}")
+        best_acc, best_epoch, done = -1.0, 0, 0
+        if run.resume:
+            ckpt = run.restore(model, "meta", self.device)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            generator.set_state(ckpt["generator"])
+            set_rng_state(ckpt["rng"], self.device)
+            best_acc, best_epoch, done = float(ckpt["best_acc"]), int(ckpt["best_epoch"]), int(ckpt["epoch"])
+
+        def save_last(epoch: int, val_acc: float) -> None:
+            self.save(run.last, model, epoch, val_acc, optimizer=optimizer.state_dict(),
+                      generator=generator.get_state(), rng=rng_state(self.device), best_acc=best_acc,
+                      best_epoch=best_epoch)
+
+        if not run.resume:
+            save_last(0, float("nan"))
+        for epoch in run.epochs(done + 1, config.max_epoch, stop):
+            lr = set_lr(optimizer, step_lr(config.vlr, config.gamma, config.step_size, epoch))
+            started = time.perf_counter()
+            indices = sampler.sample(config.num_batch, generator).to(self.device)
+            trained = train_epoch(model, optimizer, self.splits["train"], indices, config, config.train_query, stop)
+            if trained is None:
+                run.drop_epoch(epoch, stop)
+            loss, acc = trained
+            train_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            val_acc, val_ci = mean_ci95(evaluate(model, self.splits["val"], val_indices, config,
+                                                 config.val_query).tolist())
+            val_seconds = time.perf_counter() - started
+            if val_acc > best_acc:
+                best_acc, best_epoch = val_acc, epoch
+                self.save(run.best, model, epoch, val_acc)
+            run.record({"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc": acc, "val_acc": val_acc,
+                        "val_ci95": val_ci, "best_val_acc": best_acc,
+                        "train_episodes_per_s": config.num_batch / train_seconds,
+                        "val_episodes_per_s": config.val_episodes / val_seconds})
+            print(f"{self.label} epoch {epoch}/{config.max_epoch}: lr {lr:.3g} loss {loss:.4f} train acc {acc:.4f} "
+                  f"val acc {val_acc:.4f} + {val_ci:.4f} (best {best_acc:.4f} at epoch {best_epoch}) "
+                  f"{config.num_batch / train_seconds:.1f} train episodes/s", flush=True)
+            save_last(epoch, val_acc)
         return best_acc, best_epoch
 
-    def train_one_epoch(self, epoch: int, model: TasNet, optimizer: torch.optim.Optimizer, sampler: EpisodeSampler,
-                        generator: torch.Generator, val_indices: torch.Tensor, best_acc: float, best_epoch: int,
-                        stop: StopRequest | None = None) -> tuple[float, int] | None:
-        """Train, validate, keep the best model, log; then ``last.pth``. Returns the best accuracy and epoch, or
-        None when a stop request ended the training episodes early (nothing of the epoch is saved)."""
-        config = self.config
-        lr = config.outer_lr(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        started = time.perf_counter()
-        indices = sampler.sample(config.num_batch, generator).to(self.device)
-        trained = train_epoch(model, optimizer, self.splits["train"], indices, config, config.train_query, stop)
-        if trained is None:
-            return None
-        loss, acc = trained
-        train_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        val_acc, val_ci = mean_ci95(evaluate(model, self.splits["val"], val_indices, config,
-                                             config.val_query).tolist())
-        val_seconds = time.perf_counter() - started
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
-            self.save(model, epoch, val_acc)
-        self.run.record({"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc": acc, "val_acc": val_acc,
-                         "val_ci95": val_ci, "best_val_acc": best_acc,
-                         "train_episodes_per_s": config.num_batch / train_seconds,
-                         "val_episodes_per_s": config.val_episodes / val_seconds})
-        print(f"{self.label} epoch {epoch}/{config.max_epoch}: lr {lr:.3g} loss {loss:.4f} train acc {acc:.4f} "
-              f"val acc {val_acc:.4f} + {val_ci:.4f} (best {best_acc:.4f} at epoch {best_epoch}) "
-              f"{config.num_batch / train_seconds:.1f} train episodes/s", flush=True)
-        # last: a kill from here on resumes after this epoch; before it, this epoch is redone identically
-        self.save(model, epoch, val_acc, path=self.last, optimizer=optimizer.state_dict(),
-                  generator=generator.get_state(), rng=rng_state(self.device), best_acc=best_acc,
-                  best_epoch=best_epoch)
-        return best_acc, best_epoch
-
-    def restore(self, model: TasNet, optimizer: torch.optim.Optimizer,
-                generator: torch.Generator) -> tuple[float, int, int]:
-        """``--resume``: load ``last.pth``; returns the best accuracy, its epoch and the first epoch to run."""
-        if not self.last.is_file():
-            print(f"note: {self.last} not found: the {self.config.shot}-shot training starts from epoch 1", flush=True)
-            self.run.log.truncate_after("epoch", 0)
-            return -1.0, 0, 1
-        current = self.config.flags()
-        ckpt = load_resume_state(model, self.last, self.device, "meta", current,
-                                 [key for key in current if key not in NOT_RESUME_KEYS])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        generator.set_state(ckpt["generator"])
-        set_rng_state(ckpt["rng"], self.device)
-        epoch = int(ckpt["epoch"])
-        self.run.log.truncate_after("epoch", epoch)
-        print(f"resuming {self.run.path} after epoch {epoch}", flush=True)
-        return float(ckpt["best_acc"]), int(ckpt["best_epoch"]), epoch + 1
-
-    def test(self, weights: Path) -> dict:
-        """Test the meta checkpoint ``weights`` on the fixed test episodes; writes and returns result.json."""
+    def test(self, weights: Path, extra: dict | None = None) -> dict:
+        """Test the meta checkpoint ``weights`` on the fixed test episodes under both protocols; writes and returns
+        result.json (``extra``: more entries for it)."""
         config = self.config
         model, ckpt = load_meta_model(weights, config, self.feature_dim, self.semantic_dim, self.device)
         if ckpt.get("release") and config.inner_state == "reset":
-            print(f"note: {weights} is a release checkpoint; the release's own test accuracy comes from "
-                  f"--inner_state carry (its regressor carried on from this saved state), not reset")
+            print(f"note: {weights} is a release checkpoint; the release's own test accuracy is the carried one "
+                  f"(its regressor carried on from this saved state): --inner_state carry makes it this run's Test "
+                  f"Acc")
         elif ckpt.get("inner_state") not in (None, config.inner_state):
-            print(f"note: {weights} was trained with --inner_state {ckpt['inner_state']}; testing with "
+            print(f"note: {weights} was trained with --inner_state {ckpt['inner_state']}; this run's protocol is "
                   f"--inner_state {config.inner_state}")
         indices = self.episodes("test", config.test_query, config.test_episodes, config.seed)
-        started = time.perf_counter()
-        accuracies = evaluate(model, self.splits["test"], indices, config, config.test_query)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - started
-        test_acc, test_ci = mean_ci95(accuracies.tolist())
+        accuracies, seconds = test_both_protocols(model, self.splits["test"], indices, config)
+        figures = {state: mean_ci95(accuracies[state].tolist()) for state in accuracies}
+        test_acc, test_ci = figures[config.inner_state]
+        blocks = [float(block.mean()) for block in accuracies["carry"].split(CARRY_BLOCK)]
         result = {
-            "test_acc": test_acc, "test_ci95": test_ci, "test_episodes": config.test_episodes,
+            "test_acc": test_acc, "test_ci95": test_ci,
+            "test_acc_reset": figures["reset"][0], "test_ci95_reset": figures["reset"][1],
+            "test_acc_carry": figures["carry"][0], "test_ci95_carry": figures["carry"][1],
+            "carry_block_acc": blocks, "test_episodes": config.test_episodes,
             "val_best_acc": ckpt.get("val_acc"), "val_best_epoch": ckpt.get("epoch"),
-            "dataset": config.dataset, "model_type": config.model_type, "head": config.head.head,
+            "dataset": config.dataset, "model_type": config.model_type, "head": config.head,
             "shot": config.shot, "way": config.way, "test_query": config.test_query, "setting": config.setting,
             "inner_state": config.inner_state, "trained_inner_state": ckpt.get("inner_state"),
-            "metric": config.head.metric, "lamda": config.head.lamda, "normalize_input": config.normalize_input,
-            "semantic_dim": self.semantic_dim, "seed": config.seed, "episodes_per_s": config.test_episodes / seconds,
-            "weights": str(weights), "device": str(self.device),
+            "metric": config.metric, "lamda": config.lamda, "normalize_input": config.normalize_input,
+            "semantic_dim": self.semantic_dim, "seed": config.seed,
+            "episodes_per_s": {state: config.test_episodes / seconds[state] for state in seconds},
+            "weights": str(weights), "device": str(self.device), **(extra or {}),
         }
         self.run.save_result(result)
-        print(f"Test Acc {test_acc:.4f} + {test_ci:.4f}  ({config.head.head}, {config.dataset}/{config.model_type}, "
+        print(f"Test Acc {test_acc:.4f} + {test_ci:.4f}  ({config.head}, {config.dataset}/{config.model_type}, "
               f"{config.way}-way {config.shot}-shot, setting {config.setting}, inner_state {config.inner_state}, "
-              f"{config.test_episodes} episodes, {config.test_episodes / seconds:.1f} episodes/s)", flush=True)
+              f"{config.test_episodes} episodes)", flush=True)
+        print(f"  independent episodes (reset): {figures['reset'][0]:.4f} + {figures['reset'][1]:.4f}   "
+              f"carried, as the release (carry): {figures['carry'][0]:.4f} + {figures['carry'][1]:.4f}, per "
+              f"{CARRY_BLOCK} episodes {' '.join(f'{b:.3f}' for b in blocks)}", flush=True)
         return result
+
+
+def test_both_protocols(model: TasNet, split: FeatureSplit, indices: torch.Tensor,
+                        config: MetaConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Accuracy of every test episode under both protocols, each starting from the model's saved regressor:
+    ``reset`` (independent episodes) and ``carry`` (the release's: fitted in place through the episodes in order).
+
+    Carry's 100 Adam steps per episode are sequential and tiny, so on a GPU they are bound by kernel launches and
+    run faster on the CPU: there the carried protocol runs on a CPU copy of the model and the split.
+
+    Returns:
+        (E,) accuracies per protocol, and the seconds each took.
+    """
+    saved = {key: value.clone() for key, value in model.word_learner.state_dict().items()}
+    accuracies, seconds = {}, {}
+    for state in ("reset", "carry"):
+        on_cpu = state == "carry" and split.features.device.type == "cuda"
+        net = copy.deepcopy(model).cpu() if on_cpu else model
+        net.word_learner.load_state_dict(saved)
+        started = time.perf_counter()
+        accuracies[state] = evaluate(net, split.to("cpu") if on_cpu else split, indices.cpu() if on_cpu else indices,
+                                     replace(config, inner_state=state), config.test_query).cpu()
+        seconds[state] = time.perf_counter() - started
+    model.word_learner.load_state_dict(saved)
+    return accuracies, seconds
 
 
 def check_episode_sizes(configs: list[MetaConfig], splits: dict[str, FeatureSplit]) -> None:
@@ -304,35 +313,67 @@ def check_episode_sizes(configs: list[MetaConfig], splits: dict[str, FeatureSpli
     for config in configs:
         queries = {"train": config.train_query, "val": config.val_query, "test": config.test_query}
         for name, split in splits.items():
-            EpisodeSampler(split.targets.cpu(), config.way, config.shot, queries[name], 1,
-                           name=f"{split.name} ({name} split, --{name}_query {queries[name]})")
+            check_episode_size(split.targets.cpu(), config.way, config.shot, queries[name],
+                               name=f"{split.name} ({name} split, --{name}_query {queries[name]})")
+
+
+def train_and_test(args: argparse.Namespace, config: MetaConfig, splits: dict[str, FeatureSplit], folder: Path,
+                   run_dir: Path, device: torch.device, stop: StopRequest, first: bool) -> dict:
+    """One shot: train (one model, or one per lambda of the grid with --lamda auto, keeping the best on
+    validation) and test; or, with --eval_weights, test only. ``first``: the run's first model, whose
+    ``last.pth`` --resume requires (a later one without it had not started)."""
+    config_json = {**config.flags(), **{key: getattr(args, key) for key in ("data_root", "init_weights",
+                                                                             "eval_weights", "extract_batch_size")},
+                   "device": str(device)}
+    if args.eval_weights is not None:
+        run = MetaRun(config, splits, Run(folder, config_json, resume_dir=run_dir), device)
+        return run.test(resolve_path(args.eval_weights))
+    grid = args.lamda_grid if args.lamda == "auto" else [config.lamda]
+    trained = []
+    for lamda in grid:
+        model_dir = folder / f"lamda{lamda:g}" if args.lamda == "auto" else folder
+        model_config = config.with_lamda(lamda)
+        resume = args.resume and (first or (model_dir / "last.pth").is_file())
+        first = False
+        set_seed(config.seed, args.deterministic)
+        run = MetaRun(model_config, splits, Run(model_dir, {**config_json, "lamda": lamda}, resume, RESUME_FREE,
+                                                run_dir), device)
+        best_acc, _ = run.train(stop)
+        trained.append((best_acc, lamda, run))
+        if stop.requested and lamda != grid[-1]:
+            stop.exit_for_resume(run_dir, f"stopped after the lamda {lamda} model")
+    best_acc, lamda, best = max(trained, key=lambda item: item[0])  # the first of equals: the smaller lambda
+    if args.lamda != "auto":
+        return best.test(best.run.best)
+    print(f"[{config.head} {config.shot}-shot] lamda {lamda:g} has the best validation accuracy "
+          f"({best_acc:.4f}; grid {', '.join(f'{v:g}: {a:.4f}' for a, v, _ in trained)})", flush=True)
+    best.run = Run(folder, {**config_json, "lamda": "auto"}, resume_dir=run_dir)
+    return best.test(best.run.path / f"lamda{lamda:g}" / "max_acc.pth",
+                     {"lamda_grid": list(grid), "lamda_val_acc": [acc for acc, _, _ in trained]})
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     """Train (unless ``--eval_weights``) and test every shot of ``args.shot``; returns the result dicts."""
+    unused_pretraining_flags(args)
+    check_flags(args)
     training = args.eval_weights is None
-    configs = [MetaConfig.from_args(args, shot, training) for shot in args.shot]
     if args.resume and (args.run_dir is None or not training):
         raise InputError("--resume continues an interrupted training: pass the --run_dir of that run, and no "
                          "--eval_weights.")
+    configs = [MetaConfig.from_args(args, shot) for shot in args.shot]
     device = resolve_device(args.device, args.threads)
     if not training and not resolve_path(args.eval_weights).is_file():
         raise InputError(f"--eval_weights {args.eval_weights}: file not found.")
-    if args.resume and not resolve_path(args.run_dir).is_dir():
-        raise InputError(f"--resume: run folder {resolve_path(args.run_dir)} not found.")
-    splits = load_feature_splits(args, ("train", "val", "test") if training else ("test",), device)
-    check_episode_sizes(configs, splits)
-    run_dir = resolve_path(args.run_dir) if args.run_dir else default_run_dir(args.head, args.dataset,
-                                                                               args.model_type)
     results = []
-    for config in configs:
-        set_seed(config.seed, args.deterministic)
-        folder = run_dir if len(configs) == 1 else run_dir / f"shot{config.shot}"
-        sources = {key: getattr(args, key) for key in ("data_root", "init_weights", "eval_weights")}
-        run = MetaRun(config, splits, folder, device, resume=args.resume, sources=sources, resume_dir=run_dir)
-        if training:
-            run.train()
-        results.append(run.test(run.checkpoint if training else resolve_path(args.eval_weights)))
+    run_dir = args.run_dir or default_run_dir(args.head, args.dataset, args.model_type)
+    with locked(run_dir, args.resume) as run_dir, StopRequest("this training step") as stop:
+        splits = load_feature_splits(args, ("train", "val", "test") if training else ("test",), device)
+        check_episode_sizes(configs, splits)
+        for index, config in enumerate(configs):
+            folder = run_dir if len(configs) == 1 else run_dir / f"shot{config.shot}"
+            results.append(train_and_test(args, config, splits, folder, run_dir, device, stop, first=index == 0))
+            if stop.requested and index < len(configs) - 1:
+                stop.exit_for_resume(run_dir, f"stopped after the {config.shot}-shot run")
     return results
 
 
@@ -340,9 +381,8 @@ def cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     """Entry point of the run scripts: parse and run; returns the exit code (:func:`utils.cli.run_cli`: bad input
     2 with ``error: ...`` and no traceback, GPU out of memory 3 naming --episode_batch, a file that cannot be
     saved 4; stopped by Ctrl-C 130 or SIGTERM 143, with the --resume command printed)."""
-    args = parser.parse_args(argv)
     try:
-        run_cli(main, args, batch_flag="--episode_batch")
+        run_cli(main, parser.parse_args(argv), batch_flag="--episode_batch")
     except SystemExit as exit_:
         return exit_.code
     return 0

@@ -2,19 +2,18 @@
 
 Each epoch trains on every training image once (SGD Nesterov, StepLR per epoch), then scores the backbone
 with ProtoNet on fixed validation episodes drawn from the validation features, computed once per epoch.
-The run folder (``trainer.runs.RunFolder``) receives ``config.json``, ``log.jsonl``, ``curves.png``,
-``max_acc.pth`` (best validation accuracy), ``epoch-<N>.pth`` every 10 epochs and ``last.pth`` every epoch.
-Backbone checkpoints are ``{'params': backbone_state_dict, ...metadata}``: they drop into
-``checkpoints/<dataset>/<model_type>.pth``. ``last.pth`` also holds what ``--resume`` needs; Ctrl-C or SIGTERM
-(:mod:`utils.interrupt`) stops the run after the current batch with a ``last.pth`` of that position.
+The run folder (:mod:`trainer.runs`, whose rules for locking, saving, resuming and stopping every trainer
+follows) receives ``config.json``, ``log.jsonl``, ``curves.png``, ``max_acc.pth`` (best validation accuracy),
+``epoch-<N>.pth`` every 10 epochs and ``last.pth`` every epoch. Backbone checkpoints are
+``{'params': backbone_state_dict, ...metadata}``: they drop into ``checkpoints/<dataset>/<model_type>.pth``.
 
 The flags are :mod:`trainer.pre_flags`'s; the input pipelines (``--augment``) are :mod:`dataloader.pipelines`'.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -25,33 +24,21 @@ from tqdm import tqdm
 
 from dataloader.datasets import load_images
 from dataloader.pipelines import DeviceBatches, PilBatches, epoch_batches, to_device_if_it_fits
-from dataloader.sampler import EpisodeSampler
+from dataloader.sampler import check_episode_size
 from dataloader.transforms import normalization
 from models import build_backbone
-from trainer.checkpoint import load_resume_state, save_checkpoint
 from trainer.evaluate import evaluate_protonet
 from trainer.extract import extract_features
-from trainer.runs import RunFolder, default_run_dir
+from trainer.runs import Run, default_run_dir, locked, set_lr, step_lr
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
 from utils.distributed import Processes, init_processes
 from utils.interrupt import StopRequest
 from utils.runtime import autocast, flag_on, rng_state, set_rng_state
 
 SAVE_EVERY = 10  # epoch-<N>.pth every this many epochs, as the original
-# Flags that --resume must find unchanged: they shape the training that last.pth continues (--pre_max_epoch may
-# grow; speed flags such as --augment pil/batch, --amp or --num_workers may change).
-RESUME_KEYS = ("dataset", "model_type", "pre_batch_size", "pre_lr", "pre_gamma", "pre_step_size",
-               "pre_custom_momentum", "pre_custom_weight_decay", "seed", "way", "shot", "val_query", "val_episodes",
-               "val_seed", "max_train_batches")
-
-
-def pretrain_lr(epoch: int, lr: float, gamma: float, step_size: int) -> float:
-    """Learning rate of 1-based ``epoch``: ``lr * gamma ** floor(epoch / step_size)``.
-
-    The original calls ``StepLR.step()`` at the *start* of every epoch (PyTorch >= 1.1 semantics), so epoch 1
-    already counts as one step: epochs 1-29 train at lr, 30-59 at lr * gamma, ... We reproduce that.
-    """
-    return lr * gamma ** (epoch // step_size)
+# Flags that --resume lets change: more epochs, and the speed of the same computation (the input pipeline, its
+# workers, bf16, memory format, compilation, the validation batch).
+RESUME_FREE = ("pre_max_epoch", "augment", "num_workers", "amp", "channels_last", "compile", "val_batch_size")
 
 
 class Pretrainer:
@@ -74,6 +61,8 @@ class Pretrainer:
 
         train_images, self.train_targets = load_images(args.data_root, args.dataset, "train")
         val_images, self.val_targets = load_images(args.data_root, args.dataset, "val")
+        check_episode_size(self.val_targets, args.way, args.shot, args.val_query, name=f"{args.dataset} val")
+        self.run = Run(args.run_dir, vars(args), args.resume, RESUME_FREE, write=procs.is_main)
         self.val_images = to_device_if_it_fits(torch.from_numpy(val_images), device)
         self.num_train = len(self.train_targets)
         num_classes = int(self.train_targets.max()) + 1
@@ -91,8 +80,6 @@ class Pretrainer:
         # Nesterov SGD over backbone and classifier alike, as the original's single param group
         self.optimizer = torch.optim.SGD(model.parameters(), lr=args.pre_lr, momentum=args.pre_custom_momentum,
                                          nesterov=True, weight_decay=args.pre_custom_weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.pre_step_size,
-                                                         gamma=args.pre_gamma)
         if procs.distributed:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -101,100 +88,68 @@ class Pretrainer:
         self.model = model
 
         self.epoch = 0            # completed epochs
-        self.batch = 0            # batches done in the epoch under way (non-zero only in an interrupted run)
-        self.sums = [0.0, 0.0, 0]  # loss sum, correct predictions, images of the epoch under way
         self.max_acc, self.max_acc_epoch = 0.0, 0
-        self.run: RunFolder | None = None
-        self.run_dir = resolve_path(args.run_dir)
 
     # ------------------------------------------------------------------ checkpoints
     def save_backbone(self, path: Path, val_acc: float, **extra) -> None:
         a = self.args
-        save_checkpoint(path, self.backbone.state_dict(), kind="backbone", model_type=a.model_type,
-                        dataset=a.dataset, epoch=self.epoch, config=vars(a), val_acc=val_acc,
-                        max_acc=self.max_acc, max_acc_epoch=self.max_acc_epoch, **extra)
+        self.run.save(path, self.backbone.state_dict(), kind="backbone", model_type=a.model_type, dataset=a.dataset,
+                      epoch=self.epoch, val_acc=val_acc, max_acc=self.max_acc, max_acc_epoch=self.max_acc_epoch,
+                      **extra)
 
     def save_last(self, val_acc: float) -> None:
         """``last.pth``: the backbone in the usual format plus everything ``--resume`` restores."""
-        self.save_backbone(self.run_dir / "last.pth", val_acc, batch=self.batch, epoch_sums=list(self.sums),
-                           classifier=self.classifier.state_dict(), optimizer=self.optimizer.state_dict(),
-                           scheduler=self.scheduler.state_dict(), rng=rng_state(self.device))
+        self.save_backbone(self.run.last, val_acc, classifier=self.classifier.state_dict(),
+                           optimizer=self.optimizer.state_dict(), rng=rng_state(self.device))
 
-    def resume(self) -> None:
-        """Continue from ``<run_dir>/last.pth`` (model, optimiser, scheduler, position, RNG states)."""
-        path = self.run_dir / "last.pth"
-        if not path.is_file():
-            raise InputError(f"--resume: {path} not found; pass the --run_dir of the run to continue (a run "
-                             f"killed in its first epoch has none: start it again without --resume).")
-        ckpt = load_resume_state(self.backbone, path, self.device, "backbone", vars(self.args), RESUME_KEYS)
+    def restore(self) -> None:
+        """``--resume``: continue after the last complete epoch of ``last.pth``."""
+        ckpt = self.run.restore(self.backbone, "backbone", self.device)
         self.classifier.load_state_dict(ckpt["classifier"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"], self.device)
-        self.epoch, self.batch = int(ckpt["epoch"]), int(ckpt["batch"])
-        self.sums = list(ckpt["epoch_sums"])
+        self.epoch = int(ckpt["epoch"])
         self.max_acc, self.max_acc_epoch = float(ckpt["max_acc"]), int(ckpt["max_acc_epoch"])
 
     # ------------------------------------------------------------------ epochs
-    def begin_epoch(self) -> float:
-        """Step the scheduler at the start of the epoch, as the original (see :func:`pretrain_lr`)."""
-        if self.batch == 0:  # an interrupted epoch already stepped it
-            with warnings.catch_warnings():
-                # PyTorch warns when the scheduler steps before the optimizer: that order is the recipe
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                self.scheduler.step()
-        return self.optimizer.param_groups[0]["lr"]
-
-    def train_epoch(self, epoch: int, stop: StopRequest) -> bool:
-        """Train until the end of the epoch (from ``self.batch``) or a stop request; True when complete."""
+    def train_epoch(self, epoch: int, stop: StopRequest) -> tuple[float, float] | None:
+        """Train on every batch of the epoch; the mean loss and accuracy over every process's images, or None when
+        a stop request ended the epoch early."""
         batches = epoch_batches(self.num_train, self.batch_size, self.args.seed, epoch, self.procs,
                                 self.args.max_train_batches)
         self.model.train()
-        loss_sum = torch.tensor(self.sums[0], device=self.device, dtype=torch.float64)
-        correct = torch.tensor(self.sums[1], device=self.device, dtype=torch.float64)
-        progress = tqdm(total=len(batches), initial=self.batch, desc=f"epoch {epoch}/{self.args.pre_max_epoch}",
-                        unit="batch", disable=not self.procs.is_main, dynamic_ncols=True, leave=False)
-        complete = True
-        for inputs, labels in self.batches(batches, epoch, self.batch, self.procs.rank):
+        # running sums stay on the device: no host sync per step
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)    # loss sum, correct, images
+        progress = tqdm(total=len(batches), desc=f"epoch {epoch}/{self.args.pre_max_epoch}", unit="batch",
+                        disable=not self.procs.is_main, dynamic_ncols=True, leave=False)
+        for number, (inputs, labels) in enumerate(self.batches(batches, epoch, self.procs.rank), start=1):
             with autocast(self.device, self.amp):
                 logits = self.model(inputs)
                 loss = F.cross_entropy(logits.float(), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            # running sums stay on the device: no host sync per step
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(dim=1) == labels).sum()
-            self.sums[2] += len(labels)
-            self.batch += 1
+            sums += torch.stack([loss.detach() * len(labels), (logits.argmax(dim=1) == labels).sum(),
+                                 torch.tensor(len(labels), device=self.device)]).double()
             progress.update()
-            if self.batch % 10 == 0:
+            if number % 10 == 0:
                 progress.set_postfix(loss=f"{loss.item():.3f}")
-            if self.stop_requested(stop) and self.batch < len(batches):
-                complete = False
-                break
+            if number < len(batches) and stop.requested:
+                progress.close()
+                return None
         progress.close()
-        self.sums[:2] = [float(loss_sum), float(correct)]
-        return complete
-
-    def stop_requested(self, stop: StopRequest) -> bool:
-        """Whether any process was asked to stop; each then records the signal (the highest if several)."""
-        if not self.procs.distributed:
-            return stop.requested
-        # every process must stop after the same batch, or DDP would wait forever for the missing ones
-        signum = torch.tensor([float(stop.signal or 0)], device=self.device)
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-        if signum.item():
-            stop.request(int(signum.item()))
-        return stop.requested
-
-    def epoch_stats(self) -> tuple[float, float]:
-        """Mean loss and accuracy of the epoch over every process's images."""
-        sums = torch.tensor(self.sums, dtype=torch.float64, device=self.device)
         if self.procs.distributed:
             dist.all_reduce(sums)
         loss_sum, correct, count = sums.tolist()
+        self.images_seen = count
         return loss_sum / max(count, 1), correct / max(count, 1)
+
+    def agree(self, signum: int) -> int:
+        """The highest stop signal over the processes: every process must stop after the same batch, or DDP would
+        wait forever for the missing ones."""
+        signal = torch.tensor([float(signum)], device=self.device)
+        dist.all_reduce(signal, op=dist.ReduceOp.MAX)
+        return int(signal.item())
 
     def validate(self) -> tuple[float, float]:
         """ProtoNet accuracy (mean, 95% CI) on the fixed validation episodes, from features computed once."""
@@ -205,49 +160,44 @@ class Pretrainer:
                                        a.val_episodes, a.val_seed, name=f"{a.dataset} val")
         return mean_ci95(accuracies)
 
-    def end_epoch(self, epoch: int, lr: float, train_seconds: float, started: float) -> dict:
+    def end_epoch(self, epoch: int, lr: float, stats: tuple[float, float], train_seconds: float,
+                  started: float) -> None:
         """Validate, log the epoch and write its checkpoints (main process only)."""
-        loss, acc = self.epoch_stats()
-        images, self.sums = self.sums[2], [0.0, 0.0, 0]  # last.pth must not carry them into the next epoch
-        record = {"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc": acc}
-        if self.procs.is_main:
-            val_acc, val_ci95 = self.validate()
-            if val_acc > self.max_acc:
-                self.max_acc, self.max_acc_epoch = val_acc, epoch
-                self.save_backbone(self.run_dir / "max_acc.pth", val_acc)
-            if epoch % SAVE_EVERY == 0:
-                self.save_backbone(self.run_dir / f"epoch-{epoch}.pth", val_acc)
-            self.save_last(val_acc)
-            seconds = time.perf_counter() - started
-            record.update(val_acc=val_acc, val_ci95=val_ci95, max_acc=self.max_acc, time=seconds,
-                          train_time=train_seconds,
-                          train_images_per_s=images * self.procs.world_size / max(train_seconds, 1e-9))
-            self.run.record(record)
-            print(f"epoch {epoch}: lr {lr:.4g} loss {loss:.4f} train acc {acc:.4f} val acc {val_acc:.4f} "
-                  f"+- {val_ci95:.4f} (best {self.max_acc:.4f} @ {self.max_acc_epoch}) {seconds:.0f} s", flush=True)
-        return record
+        self.epoch = epoch
+        if not self.procs.is_main:
+            return
+        loss, acc = stats
+        val_acc, val_ci95 = self.validate()
+        if val_acc > self.max_acc:
+            self.max_acc, self.max_acc_epoch = val_acc, epoch
+            self.save_backbone(self.run.best, val_acc)
+        if epoch % SAVE_EVERY == 0:
+            self.save_backbone(self.run.path / f"epoch-{epoch}.pth", val_acc)
+        self.save_last(val_acc)
+        seconds = time.perf_counter() - started
+        self.run.record({"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc": acc, "val_acc": val_acc,
+                         "val_ci95": val_ci95, "max_acc": self.max_acc, "time": seconds, "train_time": train_seconds,
+                         "train_images_per_s": self.images_seen / max(train_seconds, 1e-9)})
+        print(f"epoch {epoch}: lr {lr:.4g} loss {loss:.4f} train acc {acc:.4f} val acc {val_acc:.4f} "
+              f"+- {val_ci95:.4f} (best {self.max_acc:.4f} @ {self.max_acc_epoch}) {seconds:.0f} s", flush=True)
 
     def fit(self) -> dict:
-        """Train from ``self.epoch`` to ``--pre_max_epoch``; Ctrl-C or SIGTERM saves ``last.pth`` and exits."""
+        """Train from ``self.epoch`` to ``--pre_max_epoch`` (stops and resumes: :mod:`trainer.runs`)."""
         a = self.args
-        # refuse validation episodes the split cannot fill now, not after the first epoch of training
-        EpisodeSampler(self.val_targets, a.way, a.shot, a.val_query, a.val_episodes, name=f"{a.dataset} val")
-        if self.procs.is_main:
-            self.run = RunFolder(self.run_dir, a, resume=a.resume)
-            self.run.log.truncate_after("epoch", self.epoch)
-        with StopRequest("this batch", announce=self.procs.is_main) as stop:
-            for epoch in range(self.epoch + 1, a.pre_max_epoch + 1):
-                lr = self.begin_epoch()
+        if a.resume:
+            self.restore()
+        elif self.procs.is_main:
+            self.save_last(val_acc=float("nan"))
+        agree = self.agree if self.procs.distributed else None
+        with StopRequest("this batch", announce=self.procs.is_main, agree=agree) as stop:
+            for epoch in self.run.epochs(self.epoch + 1, a.pre_max_epoch, stop):
+                lr = set_lr(self.optimizer, step_lr(a.pre_lr, a.pre_gamma, a.pre_step_size, epoch))
                 started = time.perf_counter()
-                if not self.train_epoch(epoch, stop):
-                    if self.procs.is_main:
-                        self.save_last(val_acc=float("nan"))
-                    stop.exit_for_resume(self.run_dir, f"stopped in epoch {epoch} after batch {self.batch}")
-                self.epoch, self.batch = epoch, 0
-                self.end_epoch(epoch, lr, time.perf_counter() - started, started)  # writes last.pth
-                if epoch < a.pre_max_epoch and self.stop_requested(stop):
-                    stop.exit_for_resume(self.run_dir, f"stopped after epoch {epoch}")
-        return {"run_dir": str(self.run_dir), "max_acc": self.max_acc, "max_acc_epoch": self.max_acc_epoch,
+                stats = self.train_epoch(epoch, stop)
+                if stats is None:
+                    self.run.drop_epoch(epoch, stop)
+                self.end_epoch(epoch, lr, stats, time.perf_counter() - started, started)
+        return {"run_dir": str(self.run.path), "max_acc": self.max_acc, "max_acc_epoch": self.max_acc_epoch,
                 "epochs": self.epoch}
 
 
@@ -267,10 +217,8 @@ def main(args: argparse.Namespace) -> dict:
         set_seed(args.seed, args.deterministic)
         if device.type == "cuda" and not args.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed 84x84 inputs: pick the fastest conv once
-        trainer = Pretrainer(args, device, procs)
-        if args.resume:
-            trainer.resume()
-        summary = trainer.fit()
+        with locked(args.run_dir, args.resume) if procs.is_main else contextlib.nullcontext():
+            summary = Pretrainer(args, device, procs).fit()
         if procs.is_main:
             print(f"best val acc {summary['max_acc']:.4f} at epoch {summary['max_acc_epoch']}; "
                   f"backbone: {Path(summary['run_dir']) / 'max_acc.pth'}")

@@ -5,12 +5,12 @@ For each shot of ``--shot`` (in ``shot<K>/`` sub-folders when there are several)
 training episodes of ``way`` classes, ``shot`` support and ``train_query`` query images per class. Adam on the
 backbone's parameters (lr ``vlr``, no weight decay); the learning rate of epoch e (1-based) is
 ``vlr * gamma ** floor(e / step_size)``, because the release steps its StepLR at the *start* of each epoch
-(:func:`trainer.pre.pretrain_lr`). Logits are negative squared Euclidean distances of the query embeddings to the
+(:func:`trainer.runs.step_lr`). Logits are negative squared Euclidean distances of the query embeddings to the
 mean support embedding of each class; cross-entropy on the queries. The support and query images of an episode
 go through the backbone in one forward pass.
 
 After every epoch, ``val_episodes`` fixed validation episodes; the best backbone is kept as ``max_acc.pth`` and
-every epoch writes ``last.pth`` for ``--resume`` (Ctrl-C stops after the current episode and writes it too).
+every epoch writes ``last.pth`` for ``--resume`` (the rules of :mod:`trainer.runs`).
 Finally ``max_acc.pth`` is tested on the ``--episodes`` fixed episodes of ``--split`` drawn from ``--seed``: the
 episodes of the ProtoNet baseline (``run_proto.py``) and of the meta stage for the same seed.
 
@@ -42,22 +42,22 @@ from torch import nn
 from dataloader.batch_augment import train_augment
 from dataloader.datasets import load_images
 from dataloader.pipelines import batch_seed, to_device_if_it_fits
-from dataloader.sampler import EpisodeSampler, split_episode
+from dataloader.sampler import EpisodeSampler, check_episode_size, split_episode
 from dataloader.transforms import normalization
-from trainer.checkpoint import load_resume_state, load_weights, save_checkpoint
+from trainer.checkpoint import load_weights
 from trainer.evaluate import episode_accuracy, episode_indices, protonet_logits, score_episodes
 from trainer.extract import default_weights, extract_features, load_backbone
 from trainer.meta import TRAIN_SEED_OFFSET, VAL_SEED_OFFSET
-from trainer.pre import pretrain_lr
-from trainer.runs import RunFolder, default_run_dir
+from trainer.runs import Run, default_run_dir, locked, set_lr, step_lr
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
 from utils.interrupt import StopRequest
 from utils.runtime import autocast, flag_on, rng_state, set_rng_state
 
 METHOD = "protonet_finetune"
-# Flags that --resume must find unchanged: they shape the training that last.pth continues (--max_epoch may grow).
-RESUME_KEYS = ("dataset", "model_type", "way", "shot", "train_query", "val_query", "num_batch", "val_episodes",
-               "seed", "vlr", "step_size", "gamma", "weights")
+# Flags that --resume lets change: more epochs, the test, and the speed of the same computation (the backbone
+# file is checked as the resolved "weights", not as the flag that named it).
+RESUME_FREE = ("max_epoch", "init_weights", "features", "split", "query", "episodes", "batch_size", "amp",
+               "channels_last")
 
 
 class PixelNormalized(nn.Module):
@@ -124,8 +124,8 @@ class ImageSplits:
             for split, targets, query, flag in (("train", self.train_targets, args.train_query, "--train_query"),
                                                 ("val", self.val_targets, args.val_query, "--val_query"),
                                                 (args.split, self.test_targets, args.query, "--query")):
-                EpisodeSampler(targets, args.way, shot, query, 1,
-                               name=f"{args.dataset} {split} split ({flag} {query}, --shot {shot})")
+                check_episode_size(targets, args.way, shot, query,
+                                   name=f"{args.dataset} {split} split ({flag} {query}, --shot {shot})")
 
 
 class FinetuneRun:
@@ -135,107 +135,86 @@ class FinetuneRun:
         args: the ``run_proto.py`` namespace; shot: this run's shot; weights: the pretrained backbone.
     """
 
-    def __init__(self, args: argparse.Namespace, shot: int, data: ImageSplits, run_dir: Path,
-                 device: torch.device, weights: Path):
-        self.args, self.shot, self.data, self.device, self.weights = args, shot, data, device, weights
+    def __init__(self, args: argparse.Namespace, shot: int, data: ImageSplits, run: Run, device: torch.device,
+                 weights: Path):
+        self.args, self.shot, self.data, self.run, self.device, self.weights = args, shot, data, run, device, weights
         self.amp, self.channels_last = flag_on(args.amp, device), flag_on(args.channels_last, device)
         self.mean, self.std = normalization(args.model_type)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.backbone = load_backbone(args.model_type, weights, device).to(memory_format=memory_format)
         self.net = PixelNormalized(self.backbone)
         self.optimizer = torch.optim.Adam(self.backbone.parameters(), lr=args.vlr, weight_decay=0.0)
-        self.config = {**vars(args), "shot": shot, "method": METHOD, "weights": str(weights), "device": str(device)}
-        self.run = RunFolder(run_dir, self.config, resume=args.resume)
-        self.checkpoint, self.last = self.run.path / "max_acc.pth", self.run.path / "last.pth"
         self.epoch = 0             # completed epochs
-        self.episode = 0           # episodes done in the epoch under way (non-zero only after a Ctrl-C)
-        self.sums = [0.0, 0.0]     # loss and accuracy sums of the epoch under way
         self.best_acc, self.best_epoch = -1.0, 0
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: Path, val_acc: float, **extra) -> None:
         """A backbone checkpoint (``--init_weights`` of the other scripts) with this run's metadata."""
         a = self.args
-        save_checkpoint(path, self.backbone.state_dict(), kind="backbone", method=METHOD, pixel_normalized=True,
-                        model_type=a.model_type, dataset=a.dataset, shot=self.shot, epoch=self.epoch,
-                        val_acc=val_acc, max_acc=self.best_acc, max_acc_epoch=self.best_epoch, config=self.config,
-                        **extra)
+        self.run.save(path, self.backbone.state_dict(), kind="backbone", method=METHOD, pixel_normalized=True,
+                      model_type=a.model_type, dataset=a.dataset, shot=self.shot, epoch=self.epoch, val_acc=val_acc,
+                      max_acc=self.best_acc, max_acc_epoch=self.best_epoch, **extra)
 
     def save_last(self, val_acc: float) -> None:
         """``last.pth``: the backbone plus everything ``--resume`` restores."""
-        self.save(self.last, val_acc, episode=self.episode, epoch_sums=list(self.sums),
-                  optimizer=self.optimizer.state_dict(), rng=rng_state(self.device))
+        self.save(self.run.last, val_acc, optimizer=self.optimizer.state_dict(), rng=rng_state(self.device))
 
     def restore(self) -> None:
-        """``--resume``: continue from ``last.pth`` (backbone, Adam, position in the epoch, RNG states)."""
-        if not self.last.is_file():
-            print(f"note: {self.last} not found: the {self.shot}-shot fine-tuning starts from epoch 1", flush=True)
-            self.run.log.truncate_after("epoch", 0)
-            return
-        ckpt = load_resume_state(self.backbone, self.last, self.device, "backbone", self.config, RESUME_KEYS)
+        """``--resume``: continue after the last complete epoch of ``last.pth`` (backbone, Adam, RNG states)."""
+        ckpt = self.run.restore(self.backbone, "backbone", self.device)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], self.device)
-        self.epoch, self.episode = int(ckpt["epoch"]), int(ckpt["episode"])
-        self.sums = [float(s) for s in ckpt["epoch_sums"]]
+        self.epoch = int(ckpt["epoch"])
         self.best_acc, self.best_epoch = float(ckpt["max_acc"]), int(ckpt["max_acc_epoch"])
-        self.run.log.truncate_after("epoch", self.epoch)
-        where = (f"in epoch {self.epoch + 1} after episode {self.episode}" if self.episode
-                 else f"after epoch {self.epoch}")
-        print(f"resuming {self.run.path} {where}", flush=True)
 
     # ------------------------------------------------------------------ training
-    def train(self) -> tuple[float, int]:
+    def train(self, stop: StopRequest) -> tuple[float, int]:
         """Fine-tune from ``self.epoch`` to ``--max_epoch``; returns the best validation accuracy and its epoch."""
         a = self.args
         sampler = EpisodeSampler(self.data.train_targets, a.way, self.shot, a.train_query, a.num_batch,
                                  name=f"{a.dataset} train")
         val_indices = episode_indices(self.data.val_targets, a.way, self.shot, a.val_query, a.val_episodes,
                                       a.seed + VAL_SEED_OFFSET, name=f"{a.dataset} val")
-        if a.resume:
+        if self.run.resume:
             self.restore()
-        with StopRequest("this episode") as stop:
-            for epoch in range(self.epoch + 1, a.max_epoch + 1):
-                lr = pretrain_lr(epoch, a.vlr, a.gamma, a.step_size)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                started = time.perf_counter()
-                if not self.train_epoch(epoch, sampler, stop):
-                    self.save_last(val_acc=float("nan"))
-                    stop.exit_for_resume(a.run_dir, f"stopped in epoch {epoch} after episode {self.episode}")
-                self.end_epoch(epoch, lr, time.perf_counter() - started, val_indices)
-                if stop.requested:
-                    stop.exit_for_resume(a.run_dir, f"stopped after epoch {epoch}")
+        else:
+            self.save_last(val_acc=float("nan"))
+        for epoch in self.run.epochs(self.epoch + 1, a.max_epoch, stop):
+            lr = set_lr(self.optimizer, step_lr(a.vlr, a.gamma, a.step_size, epoch))
+            started = time.perf_counter()
+            sums = self.train_epoch(epoch, sampler, stop)
+            if sums is None:
+                self.run.drop_epoch(epoch, stop)
+            self.end_epoch(epoch, lr, sums, time.perf_counter() - started, val_indices)
         return self.best_acc, self.best_epoch
 
-    def train_epoch(self, epoch: int, sampler: EpisodeSampler, stop: StopRequest) -> bool:
-        """Train from episode ``self.episode`` to the end of the epoch or a stop request; True when complete."""
+    def train_epoch(self, epoch: int, sampler: EpisodeSampler, stop: StopRequest) -> tuple[float, float] | None:
+        """Train on the epoch's episodes; the mean loss and accuracy, or None when a stop request ended it early."""
         a, device = self.args, self.device
         indices = sampler.sample(a.num_batch, epoch_generator(a.seed, epoch))
         self.net.train()
         # running sums stay on the device: no host sync per episode
-        loss_sum = torch.tensor(self.sums[0], device=device, dtype=torch.float64)
-        acc_sum = torch.tensor(self.sums[1], device=device, dtype=torch.float64)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        acc_sum = torch.zeros((), device=device, dtype=torch.float64)
         images = self.data.train_images
-        for number in range(self.episode, a.num_batch):
+        for number in range(a.num_batch):
             batch = images.index_select(0, indices[number].to(images.device)).to(device, non_blocking=True)
-            # each episode's augmentation seed is a function of its position, so a resumed epoch redraws it
+            # each episode's augmentation seed is a function of its position, so a redone epoch redraws it
             generator = torch.Generator(device).manual_seed(batch_seed(a.seed, epoch, number, 0))
             inputs = train_augment(batch, self.mean, self.std, generator, channels_last=self.channels_last)
             with autocast(device, self.amp):
                 embeddings = self.net(inputs)
             episode = split_episode(embeddings.float(), a.way, self.shot, a.train_query)
-            logits = protonet_logits(episode.support, episode.support_labels, episode.query, a.way)
+            logits = protonet_logits(episode.support, episode.query, a.way)
             loss = F.cross_entropy(logits, episode.query_labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             loss_sum += loss.detach()
             acc_sum += episode_accuracy(logits.detach(), episode.query_labels)
-            self.episode = number + 1
-            if stop.requested and self.episode < a.num_batch:
-                break
-        self.sums = [float(loss_sum), float(acc_sum)]
-        return self.episode == a.num_batch
+            if number + 1 < a.num_batch and stop.requested:
+                return None
+        return float(loss_sum) / a.num_batch, float(acc_sum) / a.num_batch
 
     def validate(self, val_indices: torch.Tensor) -> tuple[float, float]:
         """ProtoNet accuracy (mean, 95% CI) of the backbone on the fixed validation episodes."""
@@ -245,17 +224,17 @@ class FinetuneRun:
                                         self.amp, desc="val features")
         return mean_ci95(accuracies)
 
-    def end_epoch(self, epoch: int, lr: float, train_seconds: float, val_indices: torch.Tensor) -> None:
+    def end_epoch(self, epoch: int, lr: float, stats: tuple[float, float], train_seconds: float,
+                  val_indices: torch.Tensor) -> None:
         """Validate, keep the best backbone, log the epoch; then ``last.pth``."""
         a = self.args
-        loss, acc = (s / a.num_batch for s in self.sums)
-        self.epoch, self.episode, self.sums = epoch, 0, [0.0, 0.0]
+        (loss, acc), self.epoch = stats, epoch
         started = time.perf_counter()
         val_acc, val_ci = self.validate(val_indices)
         val_seconds = time.perf_counter() - started
         if val_acc > self.best_acc:
             self.best_acc, self.best_epoch = val_acc, epoch
-            self.save(self.checkpoint, val_acc)
+            self.save(self.run.best, val_acc)
         self.run.record({"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc": acc, "val_acc": val_acc,
                          "val_ci95": val_ci, "best_val_acc": self.best_acc,
                          "train_episodes_per_s": a.num_batch / max(train_seconds, 1e-9),
@@ -263,7 +242,6 @@ class FinetuneRun:
         print(f"[protonet {self.shot}-shot] epoch {epoch}/{a.max_epoch}: lr {lr:.3g} loss {loss:.4f} train acc "
               f"{acc:.4f} val acc {val_acc:.4f} + {val_ci:.4f} (best {self.best_acc:.4f} at epoch {self.best_epoch}) "
               f"{a.num_batch / max(train_seconds, 1e-9):.1f} train episodes/s", flush=True)
-        # a kill from here on resumes after this epoch; before it, the epoch is redone identically
         self.save_last(val_acc)
 
     # ------------------------------------------------------------------ test
@@ -293,23 +271,12 @@ class FinetuneRun:
         return result
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse impossible flags before any work, naming the flag."""
-    for name in ("way", "train_query", "val_query", "query", "episodes", "max_epoch", "num_batch", "val_episodes",
-                 "step_size", "batch_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    if not args.shot or min(args.shot) < 1 or len(set(args.shot)) != len(args.shot):
-        raise InputError(f"--shot must list distinct positive numbers, got {args.shot}.")
-    if args.vlr <= 0 or args.gamma <= 0:
-        raise InputError(f"--vlr and --gamma must be > 0, got {args.vlr} and {args.gamma}.")
-    if args.resume and args.run_dir is None:
-        raise InputError("--resume needs --run_dir: the folder of the run to continue.")
-
-
 def main(args: argparse.Namespace) -> list[dict]:
     """``run_proto.py --finetune``: fine-tune and test every shot of ``args.shot``; returns the result dicts."""
-    check_args(args)
+    if len(set(args.shot)) != len(args.shot):
+        raise InputError(f"--shot lists a value twice: {args.shot}.")
+    if args.resume and args.run_dir is None:
+        raise InputError("--resume needs --run_dir: the folder of the run to continue.")
     device = resolve_device(args.device, args.threads)
     weights = resolve_path(args.init_weights) if args.init_weights else default_weights(args.dataset, args.model_type)
     if not weights.is_file():
@@ -317,20 +284,21 @@ def main(args: argparse.Namespace) -> list[dict]:
                          f"pretrain one with python run_pre.py --dataset {args.dataset} --model_type "
                          f"{args.model_type} and pass its max_acc.pth (or copy it to "
                          f"{default_weights(args.dataset, args.model_type)}).")
-    if args.resume and not resolve_path(args.run_dir).is_dir():
-        raise InputError(f"--resume: run folder {resolve_path(args.run_dir)} not found.")
-    data = ImageSplits(args, device)
-    data.check(args)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 84x84 inputs and episode sizes: pick the fastest conv once
-    run_dir = resolve_path(args.run_dir) if args.run_dir else default_run_dir("proto_finetune", args.dataset,
-                                                                               args.model_type)
-    args.run_dir = str(run_dir)
+    run_dir = args.run_dir or default_run_dir("proto_finetune", args.dataset, args.model_type)
     results = []
-    for shot in args.shot:
-        set_seed(args.seed)
-        run = FinetuneRun(args, shot, data, run_dir if len(args.shot) == 1 else run_dir / f"shot{shot}", device,
-                          weights)
-        run.train()
-        results.append(run.test(run.checkpoint))
+    with locked(run_dir, args.resume) as run_dir, StopRequest("this episode") as stop:
+        data = ImageSplits(args, device)
+        data.check(args)
+        for index, shot in enumerate(args.shot):
+            folder = run_dir if len(args.shot) == 1 else run_dir / f"shot{shot}"
+            config = {**vars(args), "shot": shot, "method": METHOD, "weights": str(weights), "device": str(device)}
+            resume = args.resume and (index == 0 or (folder / "last.pth").is_file())
+            set_seed(args.seed)
+            run = FinetuneRun(args, shot, data, Run(folder, config, resume, RESUME_FREE, run_dir), device, weights)
+            run.train(stop)
+            results.append(run.test(run.run.best))
+            if stop.requested and index < len(args.shot) - 1:
+                stop.exit_for_resume(run_dir, f"stopped after the {shot}-shot run")
     return results

@@ -10,7 +10,7 @@ import argparse
 
 from dataloader.datasets import SPLITS
 from trainer.flags import (add_data_flags, add_episode_flags, add_episodic_training_flags, add_init_weights_flag,
-                           add_run_flags, add_speed_flags)
+                           add_run_flags, add_speed_flags, positive_int)
 from utils.cli import add_device_flags
 
 
@@ -27,9 +27,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add("--split", default="test", choices=SPLITS, help="split to evaluate")
     add_episode_flags(parser, shot_help="support images per class (one result each; with --finetune one run each, "
                                         "in shot<K>/ when several)")
-    add("--query", type=int, default=15, help="query images per class of the test episodes")
-    add("--episodes", type=int, default=600, help="test episodes")
-    add("--batch_size", type=int, default=256, help="images per forward pass when extracting features")
+    add("--query", type=positive_int, default=15, help="query images per class of the test episodes")
+    add("--episodes", type=positive_int, default=600, help="test episodes")
+    add("--batch_size", type=positive_int, default=256, help="images per forward pass when extracting features")
     add_device_flags(parser)
     add_run_flags(parser, run_dir="runs/proto_<dataset>_<model>-<time>; with --finetune "
                                   "runs/proto_finetune_<dataset>_<model>-<time>",

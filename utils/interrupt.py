@@ -1,17 +1,12 @@
-"""Stopping a training run cleanly when asked to: Ctrl-C (SIGINT) or SIGTERM, the signal with which Slurm,
-Kubernetes and ``kill`` end a job (they follow it with SIGKILL after a grace period, 30 s by default).
+"""Stopping a run cleanly when asked to: Ctrl-C (SIGINT) or SIGTERM, the signal with which Slurm, Kubernetes
+and ``kill`` end a job (they follow it with SIGKILL after a grace period, 30 s by default).
 
-The first signal only records a stop request; the training loop checks it at its next step boundary, writes
-its resume state and calls :meth:`StopRequest.exit_for_resume`, which prints the command that continues the
-run and exits with the code a shell gives a process ended by that signal (130 for SIGINT, 143 for SIGTERM), so
-that job scripts can tell a stop from a failure. A second signal aborts at once (``SystemExit`` with the same code, which still
-runs ``finally`` blocks, so a half-written file is removed and the previous version kept)::
-
-    with StopRequest("this episode") as stop:
-        for epoch in range(first_epoch, max_epoch + 1):
-            train_one_epoch(epoch, stop)          # returns early once stop.requested
-            if stop.requested:
-                stop.exit_for_resume(run_dir, f"stopped in epoch {epoch}")
+The first signal only records a stop request; the trainer checks it at its next training step and calls
+:meth:`StopRequest.exit_for_resume`, which prints the command that continues the run and exits with the code a
+shell gives a process ended by that signal (130 for SIGINT, 143 for SIGTERM), so that job scripts can tell a
+stop from a failure. A second signal aborts at once (``SystemExit`` with the same code, which still runs
+``finally`` blocks, so a half-written file is removed and the previous version kept). What a stop keeps and
+what ``--resume`` redoes is one rule for every trainer: :mod:`trainer.runs`.
 """
 from __future__ import annotations
 
@@ -37,18 +32,25 @@ class StopRequest:
     Args:
         boundary: what the loop finishes before stopping, for the message printed on the first signal.
         announce: print the messages (False in all but one process of a multi-process run).
+        agree: in a multi-process run, maps this process's signal number (0: none) to the highest over all
+            processes, so that every process stops at the same step; :attr:`requested` then calls it, so every
+            process must read it equally often.
 
     Attributes:
         signal: the first signal received (``signal.SIGINT`` or ``signal.SIGTERM``), None while none came.
     """
 
-    def __init__(self, boundary: str = "this batch", announce: bool = True):
-        self.boundary, self.announce = boundary, announce
+    def __init__(self, boundary: str = "this step", announce: bool = True, agree=None):
+        self.boundary, self.announce, self.agree = boundary, announce, agree
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
 
     @property
     def requested(self) -> bool:
+        if self.agree is not None:
+            signum = self.agree(int(self.signal or 0))
+            if signum:
+                self.request(signum)
         return self.signal is not None
 
     def request(self, signum: int = signal.SIGINT) -> None:
@@ -71,7 +73,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if self.requested:
+        if self.signal is not None:
             self._say(f"\n{name} again: aborting now, without saving")
             raise SystemExit(exit_code(signum))
         self.request(signum)

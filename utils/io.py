@@ -8,6 +8,7 @@ permission) raises :class:`SaveError` naming the file and the cause, after remov
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -39,8 +40,31 @@ class SaveError(InputError):
     @classmethod
     def from_os_error(cls, path: str | os.PathLike, err: OSError) -> SaveError:
         cause = err.strerror or str(err) or type(err).__name__
-        return cls(f"cannot write {path}: {cause}; its previous version, if any, is unchanged. Free space "
-                   f"(or write elsewhere) and run again.")
+        return cls(f"cannot write {path}: {cause}; its previous version, if any, is unchanged. "
+                   f"{_ADVICE.get(err.errno, 'Fix the cause and run again.')}")
+
+
+# What to do about the usual causes of a failed write, by errno.
+_ADVICE = {errno.ENOSPC: "Free space on that disk (or write elsewhere) and run again.",
+           errno.EDQUOT: "Free space within your quota (or write elsewhere) and run again.",
+           errno.EACCES: "Write to a folder you may write to, or change its permissions.",
+           errno.EPERM: "Write to a folder you may write to, or change its permissions.",
+           errno.EROFS: "That file system is read-only: write elsewhere.",
+           errno.ENOTDIR: "A part of that path is a file, not a folder: pass a folder.",
+           errno.EEXIST: "A part of that path is a file, not a folder: pass a folder."}
+
+
+def os_error_in(err: BaseException) -> OSError | None:
+    """The ``OSError`` that ``err`` is or arose from, if any.
+
+    Writers that call back into Python, such as torch's zip writer, replace the ``OSError`` of a failed write
+    with their own ``RuntimeError`` raised while handling it, so the ``OSError`` is only in the chain.
+    """
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def ensure_folder(path: str | os.PathLike) -> Path:
@@ -58,7 +82,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside ``path``; on a clean exit fsync it and rename it over ``path``.
 
     Raises:
-        SaveError: any ``OSError`` while writing (the temporary file is removed, ``path`` left as it was).
+        SaveError: any failure to write, an ``OSError`` or an error raised while handling one (the temporary
+            file is removed, ``path`` left as it was).
     """
     path = Path(path)
     ensure_folder(path.parent)
@@ -75,8 +100,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise SaveError.from_os_error(path, err) from err
+        cause = os_error_in(err)
+        if cause is not None and not isinstance(err, SaveError):
+            raise SaveError.from_os_error(path, cause) from err
         raise
 
 
