@@ -3,10 +3,10 @@
     python bench/meta.py --device cpu --threads 1      # meta stage: episodes/s against a plain reference
     python bench/pretrain.py --device cuda             # pretraining: input pipelines, training steps, an epoch
     bash bench/gpu.sh                                  # both, sized for a few minutes on one GPU
-    python3 bench/gpu_run.py --data <cut>              # a GPU machine's one call: tests, both, the recipe
+    python bench/gpu_run.py --data <cut> --out <logs>  # on one GPU: the CUDA tests, both benches, the recipe
 
 This module holds what both scripts share: the common flags, the machine description, timing with a device
-sync, and peak memory. Results go to BENCHMARKS.md.
+sync, peak memory, and the summary of their JSON lines. Results go to BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -25,9 +25,6 @@ import torch
 from utils import git_commit, resolve_device
 from utils.cli import add_device_flags
 
-PROC_STATUS = Path("/proc/self/status")
-PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
-
 
 def bench_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the flags every bench script takes: --device, --threads, --seed and --quick."""
@@ -39,12 +36,11 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def fill_unset(args: argparse.Namespace, defaults: dict[str, int]) -> argparse.Namespace:
+def fill_unset(args: argparse.Namespace, defaults: dict[str, int]) -> None:
     """Give every flag named in ``defaults`` that was left unset (<= 0) its value there (a device-dependent size)."""
     for key, value in defaults.items():
         if getattr(args, key) <= 0:
             setattr(args, key, value)
-    return args
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -90,7 +86,7 @@ def timed(work: Callable[[], object], device: torch.device) -> tuple[float, obje
 def _vm_hwm_mb() -> float | None:
     """Peak resident set size of this process in MiB (VmHWM), None where /proc is absent."""
     try:
-        found = re.search(r"^VmHWM:\s*(\d+)\s*kB", PROC_STATUS.read_text(), re.MULTILINE)
+        found = re.search(r"^VmHWM:\s*(\d+)\s*kB", Path("/proc/self/status").read_text(), re.MULTILINE)
     except OSError:
         return None
     return int(found.group(1)) / 1024 if found else None
@@ -114,7 +110,7 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
         return
     kind = "rss_block"
     try:
-        PROC_CLEAR_REFS.write_text("5")
+        Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         kind = "rss_process"
     yield record

@@ -124,14 +124,14 @@ def test_rows_that_look_alike_name_what_tells_them_apart(tmp_path, capsys):
 def test_training_settings_from_config_json_keep_runs_apart(tmp_path):
     """Two meta runs whose result.json agree but which trained differently (config.json) are two rows."""
     config = {"max_epoch": 10, "num_batch": 100, "seed": 1, "run_dir": "x", "device": "cpu", "threads": 1,
-              "pre_lr": 0.1, "episode_batch": 100, "command": "run_fusion.py", "head": "fusion", "shot": 1}
+              "episode_batch": 100, "command": "run_fusion.py", "head": "fusion", "shot": 1}
     write(tmp_path / "a", meta_result(seed=1), config)
     write(tmp_path / "b", meta_result(seed=2), {**config, "max_epoch": 1, "seed": 2, "run_dir": "y"})
     rows = report.collect([tmp_path])
     assert sorted(row.distinct["max_epoch"] for row in rows) == [1, 10]
-    # the run folder, device, seed and the flags the meta stage ignores are no settings: the same recipe combines
+    # the run folder, device, seed and the batch of gathered episodes are no settings: the same recipe combines
     write(tmp_path / "c", meta_result(seed=3), {**config, "seed": 3, "run_dir": "z", "device": "cuda",
-                                                "threads": 8, "pre_lr": 0.5, "episode_batch": 10})
+                                                "threads": 8, "episode_batch": 10})
     rows = report.collect([tmp_path])
     assert sorted(len(row.cells[1].runs) for row in rows) == [1, 2]
 
@@ -234,3 +234,97 @@ def test_t975_is_the_student_t_quantile_and_tends_to_1_96():
     assert report.t975(1) == pytest.approx(12.706, abs=1e-3) and report.t975(30) == pytest.approx(2.042, abs=1e-3)
     assert report.t975(60) == pytest.approx(2.0003, abs=1e-3)
     assert report.t975(10_000) == pytest.approx(1.96, abs=1e-3)
+
+
+def with_protocols(reset=(0.56, 0.02), carry=(0.58, 0.03), **changes) -> dict:
+    """A meta result.json that also records the checkpoint's test under both protocols."""
+    protocols = dict(test_acc_reset=reset[0], test_ci95_reset=reset[1], test_acc_carry=carry[0],
+                     test_ci95_carry=carry[1], carry_block_acc=[0.57, 0.59])
+    return meta_result(**{**protocols, **changes})
+
+
+def test_both_test_protocols_get_their_columns_beside_the_usual_one(tmp_path):
+    write(tmp_path / "fusion", with_protocols())
+    write(tmp_path / "proto", proto_result())
+    rows, markdown = report.report([tmp_path], tmp_path / "out")
+    header = next(line for line in markdown.splitlines() if line.startswith("| method"))
+    assert header.endswith("| 1-shot | 1-shot reset | 1-shot carry | 5-shot |")
+    assert table_rows(markdown) == [
+        ["ProtoNet (features)", "mini", "res12", "5", "-", "-", "600", "50.00 +- 1.00", "-", "-", "70.00 +- 0.80"],
+        ["TasNet fusion", "mini", "res12", "5", "in", "reset", "600", "55.00 +- 2.00", "56.00 +- 2.00",
+         "58.00 +- 3.00", "-"],
+    ]
+    assert "carry: the regressor carried on" in markdown
+    lines = read_csv(tmp_path / "out" / "results.csv")
+    fusion = next(line for line in lines if line["method"] == "tasnet_fusion")
+    assert [float(fusion[key]) for key in ("acc", "acc_reset", "ci95_reset", "acc_carry", "ci95_carry")] == \
+        [0.55, 0.56, 0.02, 0.58, 0.03]
+    assert all(line[key] == "" for line in lines if line["method"] == "protonet"
+               for key in ("acc_reset", "ci95_reset", "acc_carry", "ci95_carry"))
+    assert "carry_block_acc" not in fusion  # a measurement, not a setting
+
+
+def test_results_without_protocols_keep_the_old_table(tmp_path):
+    write(tmp_path / "a", meta_result())
+    _, markdown = report.report([tmp_path])
+    assert "reset |" not in markdown.splitlines()[0] and "carry:" not in markdown
+    line = read_csv(tmp_path / "results.csv")[0]
+    assert line["acc"] == "0.55" and line["acc_reset"] == line["acc_carry"] == ""
+
+
+def test_protocol_figures_of_seeds_combine_like_the_usual_one(tmp_path):
+    write(tmp_path / "a", with_protocols(seed=1, reset=(0.50, 0.001), carry=(0.60, 0.03)))
+    write(tmp_path / "b", with_protocols(seed=2, reset=(0.54, 0.001), carry=(0.60, 0.04)))
+    write(tmp_path / "c", meta_result(seed=3))  # an older run of the same recipe, without the protocols
+    (row,) = report.collect([tmp_path])
+    assert len(row.cells[1].runs) == 3
+    reset, carry = row.figures[(1, "reset")], row.figures[(1, "carry")]
+    assert len(reset.runs) == 2 and reset.acc == pytest.approx(0.52)
+    assert reset.ci95 == pytest.approx(report.t975(1) * math.sqrt(0.02 ** 2 * 2) / math.sqrt(2))
+    assert carry.ci95 == pytest.approx(math.sqrt(0.03 ** 2 + 0.04 ** 2) / 2)
+    assert "52.00 +- 25.41 (n=2)" in report.markdown([row])
+
+
+def test_the_plot_draws_reset_and_carry_bars_for_rows_that_have_them(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = []
+    original = Axes.barh
+    monkeypatch.setattr(Axes, "barh", lambda self, y, width, *args, **kwargs:
+                        drawn.append((width, kwargs.get("hatch"))) or original(self, y, width, *args, **kwargs))
+    write(tmp_path / "fusion", with_protocols())
+    write(tmp_path / "concat", meta_result(head="concat", test_acc=0.53))
+    report.report([tmp_path])
+    drawn.sort(key=lambda bar: bar[0])
+    assert [width for width, _ in drawn] == pytest.approx([53.0, 56.0, 58.0])  # concat; fusion reset, carry
+    assert [hatch for _, hatch in drawn] == [None, None, "//"]
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_lamda_chosen_on_validation_shows_with_the_setting(tmp_path):
+    auto = dict(lamda_grid=[0.05, 0.3, 0.5], lamda_val_acc=[0.50, 0.52, 0.51])
+    write(tmp_path / "a", with_protocols(seed=1, lamda=0.3, **auto), {"lamda": "auto", "seed": 1})
+    write(tmp_path / "b", with_protocols(seed=2, lamda=0.3, **{**auto, "lamda_val_acc": [0.49, 0.53, 0.5]}),
+          {"lamda": "auto", "seed": 2})
+    write(tmp_path / "c", with_protocols(seed=3, lamda=0.5, **auto), {"lamda": "auto", "seed": 3})
+    write(tmp_path / "fixed", with_protocols(lamda=0.3))
+    rows, markdown = report.report([tmp_path])
+    assert "other settings" not in markdown  # the chosen lamda tells the rows apart in the setting column
+    assert [row[4] for row in table_rows(markdown)] == ["in", "in, lamda 0.3 (auto)", "in, lamda 0.5 (auto)"]
+    # seeds that chose the same lamda combine, whatever their validation accuracies
+    assert [len(row.cells[1].runs) for row in rows] == [1, 2, 1]
+    auto_line = read_csv(tmp_path / "results.csv")[1]
+    assert auto_line["lamda"] == "0.3" and json.loads(auto_line["lamda_grid"]) == [0.05, 0.3, 0.5]
+    assert "lamda_val_acc" not in auto_line
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(test_ci95_reset=None), r"1-shot reset: accuracy 0.56 \+- None is not a number"),
+    (dict(test_acc_carry=58.0), "1-shot carry: accuracy 58.0 .* not a finite fraction"),
+])
+def test_a_bad_protocol_figure_is_an_error_naming_the_file(tmp_path, changes, message):
+    result = {key: value for key, value in with_protocols(**changes).items() if value is not None}
+    bad = write(tmp_path / "bad", result)
+    with pytest.raises(InputError, match=message) as err:
+        report.collect([tmp_path])
+    assert str(bad.resolve()) in str(err.value)
