@@ -164,7 +164,7 @@ def class_vectors(names: list[list[str]], glove: GloveVectors, fallback: str,
         names: C lists of words, one list per class, in label order.
         glove: vectors from :func:`load_glove`.
         fallback: for a class none of whose words is found: ``"zeros"`` (miniImageNet) or ``"uniform"``
-            (U(-1, 1) drawn from ``rng``; tieredImageNet, CIFAR-FS). Every such class is logged.
+            (U(-1, 1) drawn from ``rng``; tieredImageNet, CIFAR-FS). One warning lists every such class.
         rng: source of the uniform draws; ``np.random.RandomState(2045)`` when None.
         class_ids: C ids used in the log messages (defaults to the label numbers).
 
@@ -179,6 +179,7 @@ def class_vectors(names: list[list[str]], glove: GloveVectors, fallback: str,
         raise ValueError(f"{len(class_ids)} class ids for {len(names)} class names")
     rng = np.random.RandomState(2045) if rng is None else rng
     out = np.zeros((len(names), glove.dim), dtype=np.float32)
+    unknown = []
     for label, (words, class_id) in enumerate(zip(names, class_ids)):
         looked_up = [(word, _lookup(word, glove)) for word in words]
         found = [vector for _, vector in looked_up if vector is not None]
@@ -189,8 +190,10 @@ def class_vectors(names: list[list[str]], glove: GloveVectors, fallback: str,
             # Mean in float64 so that the result does not depend on the order of summation in float32.
             out[label] = np.mean(np.stack(found).astype(np.float64), axis=0)
         else:
-            log.warning("class %s (%s): no word in GloVe, using %s", class_id, " ".join(words),
-                        "zeros" if fallback == "zeros" else "uniform(-1, 1)")
+            unknown.append(f"{class_id} ({' '.join(words)})")
             if fallback == "uniform":
                 out[label] = rng.uniform(-1.0, 1.0, size=glove.dim)
+    if unknown:
+        log.warning("%d of %d class(es) have no word in GloVe and get %s vectors: %s", len(unknown), len(names),
+                    "zero" if fallback == "zeros" else "uniform(-1, 1)", ", ".join(unknown))
     return out

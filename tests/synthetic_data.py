@@ -77,6 +77,27 @@ def make_tiny_mini(raw: Path, zipped: bool = False) -> Path:
     return raw
 
 
+def mini_class_folders(raw: Path, classes: int = 3, images: int = 6) -> Path:
+    """A raw folder for ``prepare folder`` from the real miniImageNet JPEGs of ``DATA_DIR``: ``raw/<split>/<name>/``
+    holds the first ``images`` JPEGs of each of the first ``classes`` classes (by wnid) of the split's csv, the
+    folder named as the class (``house_finch``)."""
+    import csv
+    import shutil
+
+    source = DATA_DIR / "mini-imagenet"
+    names = dict(line.split()[::2] for line in (source / "mini_imagenet_class_label_dict3.txt").read_text().splitlines()
+                 if line.strip())
+    for split in SPLITS:
+        with open(source / f"{split}.csv", newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        for wnid in sorted({wnid for _, wnid in rows})[:classes]:
+            folder = raw / split / names[wnid]
+            folder.mkdir(parents=True)
+            for file in [file for file, label in rows if label == wnid][:images]:
+                shutil.copy(source / "images" / file, folder / file)
+    return raw
+
+
 def mini_args(raw: Path, out: Path) -> list[str]:
     return ["mini", "--raw", str(raw), "--glove", str(raw / "glove.txt"), "--out", str(out)]
 

@@ -20,6 +20,7 @@ COMMANDS = {
     "python -m trainer.extract": ("trainer.extract", lambda m, argv: m.parse_args(argv)),
     "python -m trainer.report": ("trainer.report", lambda m, argv: m.build_parser().parse_args(argv)),
     "python -m dataloader.prepare": ("dataloader.prepare", lambda m, argv: m.parse_args(argv)),
+    "python -m trainer.predict": ("trainer.predict", lambda m, argv: m.build_parser().parse_args(argv)),
     "python -m dataloader.demo": ("dataloader.demo", lambda m, argv: m.main(argv)),
     "python -m bench.meta": ("bench.meta", lambda m, argv: m.parse_args(argv)),
     "python -m bench.pretrain": ("bench.pretrain", lambda m, argv: m.parse_args(argv)),
