@@ -23,6 +23,7 @@ from synthetic_data import mini_class_folders
 
 WAY, SHOT, QUERY, SEED = 3, 2, 3, 1
 MODEL_TYPE = "conv4"  # a CPU-sized backbone: what matters is that both paths see the same features
+DATASET = "own"     # a folder of one's own classes, as --dataset takes it
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +33,10 @@ def prepared(tmp_path_factory, data_dir) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("predict")
     raw = mini_class_folders(root / "raw", classes=WAY, images=SHOT + QUERY + 1)
     glove = data_dir / "glove" / "glove.6B.50d.subset.txt"
-    # named mini: the meta stage's --dataset takes the benchmark names only
-    assert prepare(["folder", "--raw", str(raw), "--glove", str(glove), "--out", str(root / "data" / "mini"),
+    assert prepare(["folder", "--raw", str(raw), "--glove", str(glove), "--out", str(root / "data" / DATASET),
                     "--way", str(WAY)]) == 0
     backbone = conv4_checkpoint(root / "conv4.pth")
-    ensure_features(root / "data", "mini", MODEL_TYPE, backbone, "cpu")
+    ensure_features(root / "data", DATASET, MODEL_TYPE, backbone, "cpu")
     return root / "data", backbone, glove
 
 
@@ -52,23 +52,23 @@ def meta_stage_episode(data_root: Path, backbone: Path, run_dir: Path, head: str
     does. Returns the checkpoint, the episode's (way*(shot+query),) test-split indices (shot-major) and its
     (way*query, way) logits."""
     from trainer.evaluate import episode_accuracy
-    from trainer.meta import episode_semantics, evaluate, gather_episodes, load_meta_model, main
+    from trainer.meta import evaluate, fit_regressor, gather_episodes, load_meta_model, main
     from trainer.meta_config import MetaConfig, build_parser
 
-    flags = dict(data_root=data_root, dataset="mini", model_type=MODEL_TYPE, init_weights=backbone, head=head,
+    flags = dict(data_root=data_root, dataset=DATASET, model_type=MODEL_TYPE, init_weights=backbone, head=head,
                  setting=setting, normalize_input=normalize_input, way=WAY, shot=SHOT, train_query=QUERY,
                  val_query=QUERY, test_query=QUERY, max_epoch=1, num_batch=3, val_episodes=2, test_episodes=2,
                  inner_steps=30, kmeans_n_init=2, seed=SEED, device="cpu", run_dir=run_dir)
     args = build_parser().parse_args([word for key, value in flags.items() for word in (f"--{key}", str(value))])
     main(args)
-    config = MetaConfig.from_args(args, SHOT, training=False)
-    split = load_features(data_root, "mini", MODEL_TYPE, "test")
+    config = MetaConfig.from_args(args, SHOT)
+    split = load_features(data_root, DATASET, MODEL_TYPE, "test")
     indices = episode_indices(split.targets, WAY, SHOT, QUERY, 1, SEED)
     model, _ = load_meta_model(run_dir / "max_acc.pth", config, split.features.shape[1],
                                split.class_vectors.shape[1], torch.device("cpu"))
     batch = gather_episodes(split, indices, config, QUERY, training=False)
     with torch.no_grad():
-        logits = model(batch.support, batch.query, batch.semantic_protos, episode_semantics(model, batch, config),
+        logits = model(batch.support, batch.query, batch.semantic_protos, fit_regressor(model, batch, config),
                        SHOT, transductive=setting == "tran")
         assert torch.equal(evaluate(model, split, indices, config, QUERY), episode_accuracy(logits, batch.query_labels))
     return run_dir / "max_acc.pth", indices[0], logits[0]
@@ -77,8 +77,8 @@ def meta_stage_episode(data_root: Path, backbone: Path, run_dir: Path, head: str
 def write_episode(folder: Path, data_root: Path, indices: torch.Tensor) -> list[str]:
     """The episode's images as PNGs (lossless): ``support/<class folder>/`` and ``query/NN.png`` in query order.
     Returns the readable name of each episode label."""
-    images, targets = load_images(data_root, "mini", "test")
-    classes = [line.split("\t") for line in (data_root / "mini" / "classes-test.txt").read_text().splitlines()]
+    images, targets = load_images(data_root, DATASET, "test")
+    classes = [line.split("\t") for line in (data_root / DATASET / "classes-test.txt").read_text().splitlines()]
     episode_classes = [classes[targets[i]] for i in indices[:WAY].tolist()]
     for n, index in enumerate(indices.tolist()):
         query = n - WAY * SHOT
@@ -94,10 +94,10 @@ def write_episode(folder: Path, data_root: Path, indices: torch.Tensor) -> list[
 def test_predictions_on_a_test_episode_are_the_meta_stages(prepared, tmp_path, method, capsys, one_thread):
     data_root, backbone, glove = prepared
     if method == "protonet":
-        split = load_features(data_root, "mini", MODEL_TYPE, "test")
+        split = load_features(data_root, DATASET, MODEL_TYPE, "test")
         indices = episode_indices(split.targets, WAY, SHOT, QUERY, 1, SEED)[0]
         features = split.features[indices]
-        logits = protonet_logits(features[:WAY * SHOT], torch.arange(WAY).repeat(SHOT), features[WAY * SHOT:], WAY)
+        logits = protonet_logits(features[:WAY * SHOT], features[WAY * SHOT:], WAY)
         meta = []
     else:
         checkpoint, indices, logits = meta_stage_episode(data_root, backbone, tmp_path / "run", *method.split("-"))
@@ -130,9 +130,10 @@ def tiny_support_and_query(root: Path) -> Path:
 def meta_checkpoint(path: Path, semantic_dim: int) -> Path:
     """A meta checkpoint of the layout the meta stage saves, for 64-d (Conv-4) features."""
     model = TasNet(64, semantic_dim, HeadConfig())
-    config = {"head": "fusion", "metric": "euclidean", "lamda": 0.05, "kmeans_max_iter": 10, "kmeans_n_init": 1,
-              "kmeans_seed": 0, "inner_steps": 5, "gradlr": 0.01, "inner_weight_decay": 1e-5, "inner_step_size": 10,
-              "inner_gamma": 0.2, "normalize_input": "never", "setting": "in"}
+    from trainer.meta_config import MetaConfig, build_parser
+
+    args = build_parser().parse_args(["--inner_steps", "5", "--kmeans_max_iter", "10", "--kmeans_n_init", "1"])
+    config = MetaConfig.from_args(args, shot=1).flags()
     save_checkpoint(path, model.state_dict(), kind="meta", head="fusion", semantic_dim=semantic_dim,
                     feature_dim=64, config=config)
     return path

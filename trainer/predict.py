@@ -35,17 +35,13 @@ from dataloader.prepare.folder import (NAMES_FILE, check_names_used, glove_class
                                        load_folder_images, read_class_folders, read_names)
 from dataloader.transforms import normalization
 from models import BACKBONES
-from models.heads import HEAD_FUNCTIONS, HeadConfig, TasNet, refine_prototypes
-from models.inner_loop import InnerLoopConfig, semantic_queries
+from models.heads import HEAD_FUNCTIONS, TasNet, refine_prototypes, similarity_logits
+from models.inner_loop import fit_semantic_regressor
 from trainer.checkpoint import load_checkpoint, load_weights
-from trainer.evaluate import protonet_logits, prototypes
 from trainer.extract import extract_features, load_backbone
+from trainer.meta_config import MetaConfig
 from utils import InputError, atomic_write, resolve_device, resolve_path
 from utils.cli import add_device_flags, run_cli
-
-# The meta stage's flag -> the InnerLoopConfig field it sets.
-INNER_KEYS = {"inner_steps": "steps", "gradlr": "lr", "inner_weight_decay": "weight_decay",
-              "inner_step_size": "step_size", "inner_gamma": "gamma"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,20 +77,24 @@ def load_meta(path: Path, feature_dim: int, semantic_dim: int, glove: Path,
     if ckpt.get("feature_dim") != feature_dim:
         raise InputError(f"--eval_weights {path} takes {ckpt.get('feature_dim')}-d features, but the backbone "
                          f"gives {feature_dim}-d: pass the backbone (--init_weights) it was trained on.")
-    head_keys = [field.name for field in fields(HeadConfig)]
-    missing = [key for key in (*head_keys, *INNER_KEYS, "normalize_input", "setting") if key not in config]
+    missing = [field.name for field in fields(MetaConfig) if field.name not in config]
     if missing:
         raise InputError(f"--eval_weights {path}: its saved config lacks {', '.join(missing)}; it was saved by "
                          f"another version of this code.")
-    head = HeadConfig(**{key: config[key] for key in head_keys})
-    inner = InnerLoopConfig(**{field: config[key] for key, field in INNER_KEYS.items()})
-    model = TasNet(feature_dim, semantic_dim, head).to(device)
+    meta_config = MetaConfig(**{field.name: config[field.name] for field in fields(MetaConfig)})
+    model = TasNet(feature_dim, semantic_dim, meta_config.head_config).to(device)
     load_weights(model, path, device, kind="meta")
-    return model.eval(), inner, config
+    return model.eval(), meta_config
 
 
-def tasnet_scores(model: TasNet, inner: InnerLoopConfig, config: dict, support: torch.Tensor,
-                  labels: torch.Tensor, query: torch.Tensor, class_vectors: torch.Tensor) -> torch.Tensor:
+def class_means(embeds: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """(S, D) embeddings of classes of any size, labels (S,) in 0..classes-1 -> (classes, D) prototypes."""
+    sums = torch.zeros(classes, embeds.shape[1], dtype=embeds.dtype, device=embeds.device).index_add_(0, labels, embeds)
+    return sums / torch.bincount(labels, minlength=classes).unsqueeze(1)
+
+
+def tasnet_scores(model: TasNet, config: MetaConfig, support: torch.Tensor, labels: torch.Tensor,
+                  query: torch.Tensor, class_vectors: torch.Tensor) -> torch.Tensor:
     """TasNet's test episode as the meta stage scores it, for classes of any size.
 
     Args:
@@ -102,13 +102,13 @@ def tasnet_scores(model: TasNet, inner: InnerLoopConfig, config: dict, support: 
     Returns:
         (Q, C) logits.
     """
-    if config["normalize_input"] == "always":  # "train" normalises training episodes only
+    if config.normalize(training=False):
         support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
-    semantic_query = semantic_queries(model.word_learner, support[None], class_vectors[labels][None], query[None],
-                                      inner, "reset")[0]
-    visual_protos = prototypes(model.feat_learner(support), labels, len(class_vectors))
+    semantic_query = fit_semantic_regressor(model.word_learner, support[None], class_vectors[labels][None],
+                                            query[None], config.inner, "reset")[0]
+    visual_protos = class_means(model.feat_learner(support), labels, len(class_vectors))
     visual_query = model.feat_learner(query)
-    if config["setting"] == "tran":
+    if config.setting == "tran":
         visual_protos = refine_prototypes(visual_protos, visual_query, model.config)
     return HEAD_FUNCTIONS[model.config.head](visual_protos, class_vectors, visual_query, semantic_query, model.config)
 
@@ -174,14 +174,15 @@ def predict(args: argparse.Namespace) -> None:
     labels = labels.to(device)
     with torch.no_grad():
         if args.eval_weights is None:
-            scores, method = protonet_logits(support, labels, query, len(classes)), "ProtoNet"
+            prototypes = class_means(support, labels, len(classes))
+            scores, method = similarity_logits(query, prototypes, "euclidean"), "ProtoNet"
         else:
             glove = resolve_path(args.glove)
             vectors = glove_class_vectors(classes, glove, [c.folder for c in classes])
-            model, inner, config = load_meta(resolve_path(args.eval_weights), support.shape[1], vectors.shape[1],
-                                             glove, device)
-            scores = tasnet_scores(model, inner, config, support, labels, query, torch.from_numpy(vectors).to(device))
-            method = f"TasNet {model.config.head} ({config['setting']})"
+            model, config = load_meta(resolve_path(args.eval_weights), support.shape[1], vectors.shape[1], glove,
+                                      device)
+            scores = tasnet_scores(model, config, support, labels, query, torch.from_numpy(vectors).to(device))
+            method = f"TasNet {config.head} ({config.setting})"
     scores = scores.cpu().numpy()
     class_names = [c.name for c in classes]
     write_csv(out / "predictions.csv", query_files, class_names, scores)
