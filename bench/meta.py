@@ -222,7 +222,7 @@ def reference_threads(args: argparse.Namespace):
 
 def bench_inner(shot: int, splits: dict[str, FeatureSplit], indices: dict, args: argparse.Namespace,
                 device: torch.device) -> list[dict]:
-    """The inner loop alone on the test episodes: reset-mode ``semantic_queries`` against ``plain_fit_regressor``
+    """The inner loop alone on the test episodes: reset-mode ``fit_semantic_regressor`` against ``plain_fit_regressor``
     per episode from the same initial state (then the query map), one episode after another."""
     _, config = meta_config("fusion", shot, "reset", args)
     regressor = initial_model(config, splits, args, device).word_learner

@@ -59,7 +59,7 @@ def test_meta_stage_repeats_itself_for_one_seed(root, tmp_path, restore_determin
 
 
 def test_pretraining_data_order_comes_from_the_seed():
-    """Two pretraining runs with one seed give the same weights bit for bit: test_kill_resume compares an
+    """Two pretraining runs with one seed give the same weights bit for bit: test_lifecycle compares an
     uninterrupted run with one run partly in another process (and ResNet-12 is too slow on a CPU to train it
     twice more here). This checks what the seed decides: the order of the batches (and, through
     ``batch_seed``, each batch's augmentation)."""

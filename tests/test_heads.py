@@ -107,3 +107,27 @@ def test_regressor_is_kaiming_initialised_and_bad_metric_or_head_is_refused():
     model = TasNet(640, 50, HeadConfig())
     assert sorted(model.state_dict()) == ["feat_learner.bias", "feat_learner.weight", "word_learner.bias",
                                           "word_learner.weight"]
+
+
+@pytest.mark.parametrize("head,metric", [("fusion", "euclidean"), ("concat", "cosine")])
+def test_the_fast_path_computes_the_plain_reference_episode(head, metric):
+    """models.reference.plain_episode (autograd, a fresh torch.optim.Adam, one episode) against the trainer's path
+    (the closed-form fused inner loop, then TasNet) on the same episode, in float64: logits and fitted regressor."""
+    from models.inner_loop import InnerLoopConfig, fit_semantic_regressor
+    from models.reference import plain_episode
+
+    torch.manual_seed(0)
+    way, shot, query, features, dim = 3, 2, 4, 10, 6
+    config, inner = HeadConfig(head=head, metric=metric, lamda=0.3), InnerLoopConfig(steps=15)
+    model = TasNet(features, dim, config).double()
+    plain = TasNet(features, dim, config).double()
+    plain.load_state_dict(model.state_dict())
+    support = torch.randn(way * shot, features, dtype=torch.float64)
+    queries = torch.randn(way * query, features, dtype=torch.float64)
+    class_vectors = torch.randn(way, dim, dtype=torch.float64)
+    expected = plain_episode(plain.feat_learner, plain.word_learner, support, queries, class_vectors, shot, config,
+                             inner)
+    semantic = fit_semantic_regressor(model.word_learner, support[None], class_vectors.repeat(shot, 1)[None],
+                                      queries[None], inner, "carry")[0]
+    torch.testing.assert_close(model(support, queries, class_vectors, semantic, shot), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(model.word_learner.weight, plain.word_learner.weight, rtol=1e-9, atol=1e-9)

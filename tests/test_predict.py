@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dataloader.datasets import load_features, load_images
+import run_pre
 from dataloader.prepare import main as prepare
 from models import build_backbone
 from models.heads import HeadConfig, TasNet
@@ -19,6 +20,7 @@ from trainer.checkpoint import save_checkpoint
 from trainer.evaluate import episode_indices, protonet_logits
 from trainer.extract import ensure_features
 from trainer.predict import main as predict
+from trainer.report import report
 from synthetic_data import mini_class_folders
 
 WAY, SHOT, QUERY, SEED = 3, 2, 3, 1
@@ -29,13 +31,16 @@ DATASET = "own"     # a folder of one's own classes, as --dataset takes it
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, data_dir) -> tuple[Path, Path, Path]:
     """(data root, backbone checkpoint, GloVe file): a folder tree of real JPEGs prepared with ``prepare folder``
-    (3 classes x 6 images per split), and a randomly initialised Conv-4."""
+    (3 classes x 6 images per split), and a Conv-4 pretrained on it for one epoch by run_pre.py."""
     root = tmp_path_factory.mktemp("predict")
     raw = mini_class_folders(root / "raw", classes=WAY, images=SHOT + QUERY + 1)
     glove = data_dir / "glove" / "glove.6B.50d.subset.txt"
     assert prepare(["folder", "--raw", str(raw), "--glove", str(glove), "--out", str(root / "data" / DATASET),
                     "--way", str(WAY)]) == 0
-    backbone = conv4_checkpoint(root / "conv4.pth")
+    run_pre.main(["--dataset", DATASET, "--data_root", str(root / "data"), "--model_type", MODEL_TYPE,
+                  "--pre_max_epoch", "1", "--pre_batch_size", "6", "--way", str(WAY), "--shot", "1",
+                  "--val_query", "2", "--val_episodes", "5", "--device", "cpu", "--run_dir", str(root / "pre")])
+    backbone = root / "pre" / "max_acc.pth"
     ensure_features(root / "data", DATASET, MODEL_TYPE, backbone, "cpu")
     return root / "data", backbone, glove
 
@@ -114,6 +119,10 @@ def test_predictions_on_a_test_episode_are_the_meta_stages(prepared, tmp_path, m
     with Image.open(tmp_path / "out" / "predictions.png") as sheet:
         assert sheet.format == "PNG" and sheet.width > 2 * 84
     assert f"{WAY * QUERY} queries, {WAY} classes" in capsys.readouterr().out
+    if method != "protonet":  # the meta run of one's own classes in the results table, both protocols
+        rows, table = report([tmp_path / "run"], tmp_path / "report")
+        assert len(rows) == 1 and f"{DATASET} |" in table and "reset" in table and "carry" in table
+        assert (tmp_path / "report" / "results.csv").is_file() and (tmp_path / "report" / "results.png").is_file()
 
 
 def tiny_support_and_query(root: Path) -> Path:

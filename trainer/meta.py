@@ -1,24 +1,27 @@
 """The one episodic trainer of the meta stage, for both heads (fusion and concatenation).
 
-On cached backbone features (F-d: 640, or 64 for Conv-4): ``max_epoch`` x ``num_batch`` training episodes
-(outer loop: Adam on ``feat_learner``, cross-entropy on the query logits), ``val_episodes`` fixed validation
-episodes after every epoch, the best-validation model kept as ``max_acc.pth``; then ``test_episodes`` fixed
-test episodes from ``max_acc.pth``, reported as mean and 95% CI (``Test Acc 0.xxxx + 0.xxxx``). With
-``--eval_weights`` only the test runs, from the given meta checkpoint. The flags and their resolution into
-one :class:`trainer.meta_config.MetaConfig` live in :mod:`trainer.meta_config`.
+On cached backbone features (F-d: 640, or 64 for Conv-4), every episode: the inner loop fits the semantic
+regressor ``word_learner`` on the support set (:func:`fit_regressor`), the head scores the queries
+(:class:`models.heads.TasNet`), and in training the outer loop takes one Adam step on ``feat_learner``
+(cross-entropy on the query logits). ``max_epoch`` x ``num_batch`` training episodes, ``val_episodes`` fixed
+validation episodes after every epoch, the best-validation model kept as ``max_acc.pth``; then
+``test_episodes`` fixed test episodes from ``max_acc.pth`` under both protocols (:func:`test_both_protocols`),
+reported as mean and 95% CI (``Test Acc 0.xxxx + 0.xxxx``). ``--eval_weights`` runs only the test;
+``--lamda auto`` trains one model per lambda of ``--lamda_grid`` and tests the best on validation. The run
+folder follows :mod:`trainer.runs`; the flags are :mod:`trainer.meta_config`'s. A plain, one-episode account
+of the same computation is :func:`models.reference.plain_episode`.
 
 Behaviour of the original release kept on purpose (docs/release.md), each with a flag:
 
-- ``--inner_state carry``: the regressor ``word_learner`` is never re-initialised; its fit carries over from
-  episode to episode (training, validation and test) and is saved in ``max_acc.pth``. Each test episode then
-  learns from the support sets of all earlier ones, so the test is not one of independent episodes.
-  ``--inner_state reset`` starts every episode from the same saved state (independent, batched episodes).
+- ``--inner_state carry``: the regressor is never re-initialised; its fit carries over from episode to episode
+  (training and validation) and is saved in ``max_acc.pth``. ``reset`` starts every episode from the same
+  saved state (independent, batched episodes). The test runs both ways whatever the flag.
 - ``--normalize_input train`` (concat default): the input features are L2-normalised in the training
   episodes only, not in validation or test.
 - ``--setting tran``: transductive refinement of the visual prototypes (k-means on the projected queries), in
   training, validation and test episodes alike, with no gradient through the refined prototypes.
-- ``--eval_weights`` also takes the release's own meta checkpoints; with ``--inner_state carry`` the test
-  continues the regressor the release carried, as its own evaluation does.
+- ``--eval_weights`` also takes the release's own meta checkpoints; their carried test continues the
+  regressor the release carried, as its own evaluation does.
 """
 from __future__ import annotations
 
