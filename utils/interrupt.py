@@ -78,7 +78,7 @@ class StopRequest:
             raise SystemExit(exit_code(signum))
         self.request(signum)
         again = "Ctrl-C" if signum == signal.SIGINT else name
-        self._say(f"\n{name}: stopping after {self.boundary} to save the run ({again} again aborts at once)")
+        self._say(f"\n{name}: stopping after {self.boundary} ({again} again aborts at once)")
 
     def _say(self, message: str) -> None:
         if self.announce:
