@@ -2,21 +2,14 @@
 
     python -m trainer.report RUN_DIR [RUN_DIR ...] [--out FOLDER]
 
-Every ``result.json`` under the folders (recursively) gives rows of test accuracy, mean +- 95% CI: printed, and
-written into ``--out`` (default: the first RUN_DIR) as ``results.md``, ``results.csv`` (a line per row and shot,
-every setting in its own column) and ``results.png``. It reads the meta stage's results (``head``, ``test_acc``,
-``test_ci95``, ``shot``; where recorded, both test protocols, ``test_acc_reset`` / ``test_acc_carry`` with their
-CIs, and with ``--lamda auto`` the chosen ``lamda`` beside its ``lamda_grid``), the ProtoNet baseline's
-(``"method": "protonet"``, every shot in ``shots``) and any other ``method`` with the meta stage's keys.
+Every ``result.json`` under the folders gives rows of test accuracy (mean +- 95% CI), printed and written into
+``--out`` (default: the first RUN_DIR) as results.md, results.csv and results.png; a meta run that recorded both
+test protocols (``test_acc_reset``, ``test_acc_carry``) gets a column and a bar for each.
 
-A row is keyed by every setting in ``result.json`` and the ``config.json`` beside it, except
-:data:`NOT_SETTINGS`: runs are never averaged across settings, and a key this module does not know keeps runs
-apart. Rows that agree on every column get an "other settings" column naming what they differ in. Runs with
-identical settings (seeds) share a cell: their mean, ``(n=K)``, and the 95% CI of that mean,
-``t(0.975, K-1) * std / sqrt(K)`` (Student's t: 1.96 is far too narrow for a few seeds), never narrower than
-their episodes' ``sqrt(sum ci95_i^2) / K``. The same settings and seed twice are one run (the first in path
-order; a warning names both). A file that is not valid JSON, lacks a needed key or holds an impossible accuracy
-is an error naming the file: a table silently missing a run would look complete.
+A row is keyed by every setting in ``result.json`` and the ``config.json`` beside it but :data:`NOT_SETTINGS`, so
+runs are never averaged across settings; rows that look alike get an "other settings" column. Runs with identical
+settings (seeds; the same seed twice counts once) share a cell: their mean and the Student-t 95% CI of that mean,
+never narrower than their episodes' combined CI. A bad ``result.json`` is an error naming the file.
 """
 from __future__ import annotations
 
@@ -57,36 +50,45 @@ def t975(df: int) -> float:
 
 @dataclass(frozen=True)
 class RunResult:
-    """One run at one shot: every setting that keys its row (with method and shot), and figure -> (acc, ci95)."""
+    """One run at one shot: the settings that key its row (the method among them), figure -> (acc, ci95)."""
 
     path: Path
     settings: dict
+    shot: int
     seed: object
     figures: dict
 
 
 @dataclass
 class Cell:
-    """One figure of the runs with identical settings (one per seed), combined as the module docstring says."""
+    """One figure (the test or a protocol) of the runs with identical settings, one per seed, combined."""
 
-    runs: list[RunResult]
-    figure: str = "test"
-    acc: float = field(init=False)
-    ci95: float = field(init=False)
+    figure: str
+    runs: list[RunResult] = field(default_factory=list)
 
-    def __post_init__(self):
+    @property
+    def acc(self) -> float:
+        return sum(run.figures[self.figure][0] for run in self.runs) / len(self.runs)
+
+    @property
+    def ci95(self) -> float:
+        """Student's t over the seeds (1.96 is far too narrow for a few), never below the episodes' own CI."""
         accs, cis = zip(*(run.figures[self.figure] for run in self.runs))
         n = len(accs)
-        self.acc = sum(accs) / n
-        self.ci95 = cis[0]
-        if n > 1:
-            sample_std = math.sqrt(sum((a - self.acc) ** 2 for a in accs) / (n - 1))
-            self.ci95 = max(t975(n - 1) * sample_std / math.sqrt(n), math.sqrt(sum(c ** 2 for c in cis)) / n)
+        if n == 1:
+            return cis[0]
+        sample_std = math.sqrt(sum((acc - self.acc) ** 2 for acc in accs) / (n - 1))
+        return max(t975(n - 1) * sample_std / math.sqrt(n), math.sqrt(sum(ci ** 2 for ci in cis)) / n)
+
+    def text(self) -> str:
+        """``61.23 +- 0.80`` (percent), with ``(n=K)`` when K runs are combined."""
+        n = f" (n={len(self.runs)})" if len(self.runs) > 1 else ""
+        return f"{100 * self.acc:.2f} +- {100 * self.ci95:.2f}{n}"
 
 
 @dataclass
 class Row:
-    """One line of the table: the settings its cells share (all but the shot) and a cell per (shot, figure)."""
+    """One line of the table: the settings its runs share (the method among them), a cell per (shot, figure)."""
 
     settings: dict
     figures: dict[tuple[int, str], Cell] = field(default_factory=dict)
@@ -103,8 +105,7 @@ class Row:
 
     def columns(self) -> list[str]:
         """The texts of the columns before the accuracies; a lamda chosen by ``--lamda auto`` joins the setting."""
-        texts = {key: _text(self.settings.get(key)) for key, _ in COLUMNS}
-        texts["method"] = self.method_name
+        texts = {key: _text(self.settings.get(key)) for key, _ in COLUMNS} | {"method": self.method_name}
         if "lamda_grid" in self.settings:
             texts["setting"] += f", lamda {_text(self.settings.get('lamda'))} (auto)"
         return list(texts.values())
@@ -117,17 +118,9 @@ def _text(value) -> str:
     return "-" if value is None else str(value)
 
 
-def find_results(folders: Sequence[str | Path]) -> list[Path]:
-    """Every ``result.json`` under ``folders`` (recursively; a file found twice counts once), sorted."""
-    found = set()
-    for path in map(resolve_path, folders):
-        if not path.exists():
-            raise InputError(f"{path}: no such folder.")
-        found.update(p.resolve() for p in ([path] if path.is_file() else path.rglob("result.json")) if p.is_file())
-    if not found:
-        raise InputError(f"no result.json found under {', '.join(str(resolve_path(f)) for f in folders)}; pass "
-                         f"the run folders of run_proto.py, run_fusion.py, run_concatenation.py or run_demo.py.")
-    return sorted(found)
+def _key(value) -> str:
+    """``value`` as canonical JSON, so that settings holding lists and dicts compare and hash by content."""
+    return json.dumps(value, sort_keys=True)
 
 
 def read_json(path: Path) -> dict:
@@ -141,7 +134,7 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _figure(path: Path, where: str, acc, ci95) -> tuple[float, float]:
+def _accuracy(path: Path, where: str, acc, ci95) -> tuple[float, float]:
     """``(acc, ci95)`` as floats; an accuracy that is no fraction (a diverged run) is an error."""
     try:
         acc, ci95 = float(acc), float(ci95)
@@ -162,39 +155,32 @@ def load_result(path: Path) -> list[RunResult]:
     if not isinstance(method, str):
         raise InputError(f"{path}: neither a meta-stage result (no 'head') nor one with a 'method'; it holds "
                          f"{sorted(data)[:12]}.")
-    proto = method == "protonet"
+    proto = method == "protonet"  # run_proto.py: every shot in one file; 'episodes' and 'query' for test_*
     needed = ("shots", "episodes") if proto else ("test_acc", "test_ci95", "test_episodes", "shot")
     missing = [key for key in ("dataset", "model_type", "way", *needed) if key not in data]
     if missing:
-        kind = "meta-stage" if meta else "ProtoNet baseline" if proto else repr(method)
-        raise InputError(f"{path}: a {kind} result without {', '.join(missing)}; re-create it with the stage that "
-                         f"wrote it.")
+        raise InputError(f"{path}: a {method} result without {', '.join(missing)}; re-create it with the stage "
+                         f"that wrote it.")
     if proto:
-        if not isinstance(data["shots"], dict) or not data["shots"]:
-            raise InputError(f"{path}: 'shots' should map each shot to {{'acc', 'ci95'}}, got {data['shots']!r}.")
-        for shot, cell in data["shots"].items():
-            if not isinstance(cell, dict) or "acc" not in cell or "ci95" not in cell:
-                raise InputError(f"{path}: shots[{shot!r}] should hold 'acc' and 'ci95', got {cell!r}.")
-        per_shot = {shot: {"test": (cell["acc"], cell["ci95"])} for shot, cell in data["shots"].items()}
+        shots = data["shots"]
+        if not (isinstance(shots, dict) and shots
+                and all(isinstance(cell, dict) and {"acc", "ci95"} <= cell.keys() for cell in shots.values())):
+            raise InputError(f"{path}: each entry of 'shots' (one at least) should hold 'acc' and 'ci95'; "
+                             f"got {shots!r}.")
+        per_shot = {shot: {"test": (cell["acc"], cell["ci95"])} for shot, cell in shots.items()}
     else:
         per_shot = {data["shot"]: {figure: (data[f"test_acc{suffix}"], data.get(f"test_ci95{suffix}"))
                                    for figure, suffix in FIGURES.items() if f"test_acc{suffix}" in data}}
-    # run_proto.py's names for what the other stages call test_episodes and test_query
     renamed = {"episodes": "test_episodes", "query": "test_query"} if proto else {}
-    ignored = NOT_SETTINGS | ({"head"} if meta else set())
+    ignored = NOT_SETTINGS | {"shot"} | ({"head"} if meta else set())
     settings = {renamed.get(key, key): value for key, value in {**config, **data}.items() if key not in ignored}
     runs = []
     for shot, figures in per_shot.items():
-        if isinstance(shot, bool) or not str(shot).isdigit() or int(shot) < 1:
+        if not str(shot).isdigit() or int(shot) < 1:
             raise InputError(f"{path}: shot {shot!r} is not a positive whole number.")
-        figures = {figure: _figure(path, f"{shot}-shot {figure}", *pair) for figure, pair in figures.items()}
-        runs.append(RunResult(path, {**settings, "method": method, "shot": int(shot)}, data.get("seed"), figures))
+        figures = {figure: _accuracy(path, f"{shot}-shot {figure}", *pair) for figure, pair in figures.items()}
+        runs.append(RunResult(path, {**settings, "method": method}, int(shot), data.get("seed"), figures))
     return runs
-
-
-def _key(settings: dict) -> tuple:
-    """A hashable key of ``settings`` (lists and dicts compared by content)."""
-    return tuple(sorted((key, json.dumps(value, sort_keys=True, default=str)) for key, value in settings.items()))
 
 
 def _sort_value(value) -> tuple:
@@ -204,59 +190,51 @@ def _sort_value(value) -> tuple:
     return (0, value) if isinstance(value, (int, float)) else (1, str(value))
 
 
-def build_rows(runs: Sequence[RunResult]) -> list[Row]:
-    """Group ``runs`` into rows (identical settings but the shot) and cells (identical settings, one per seed)."""
-    by_cell: dict[tuple, list[RunResult]] = {}
-    for run in sorted(runs, key=lambda r: str(r.path)):
-        same = by_cell.setdefault(_key(run.settings), [])
-        twin = next((kept for kept in same if kept.seed == run.seed), None)
-        if twin is None:
-            same.append(run)
-        else:
-            print(f"warning: {run.path}: the same settings and seed ({run.seed}) as {twin.path}, so not an "
-                  f"independent run; only {twin.path} is counted.", file=sys.stderr, flush=True)
-    rows: dict[tuple, Row] = {}
-    for cell_runs in by_cell.values():
-        settings = {key: value for key, value in cell_runs[0].settings.items() if key != "shot"}
-        row = rows.setdefault(_key(settings), Row(settings))
-        for figure in FIGURES:
-            having = [run for run in cell_runs if figure in run.figures]
-            if having:
-                row.figures[(cell_runs[0].settings["shot"], figure)] = Cell(having, figure)
-
-    alike: dict[tuple, list[Row]] = {}
-    for row in rows.values():
-        alike.setdefault(tuple(row.columns()), []).append(row)
-    for group in (group for group in alike.values() if len(group) > 1):
-        keys = sorted(set().union(*(row.settings for row in group)))
-        differing = [key for key in keys if len({_key({key: row.settings.get(key)}) for row in group}) > 1]
-        for row in group:
-            row.distinct = {key: row.settings.get(key) for key in differing}
-
-    order = list(METHOD_NAMES)
-    return sorted(rows.values(), key=lambda row: (
-        *(_sort_value(row.settings.get(key)) for key in ("dataset", "model_type", "way")),
-        order.index(row.settings["method"]) if row.settings["method"] in order else len(order), row.settings["method"],
-        _sort_value(row.settings.get("setting")), "lamda_grid" in row.settings,
-        *(_sort_value(row.settings.get(key)) for key in ("lamda", "inner_state", "test_episodes")),
-        _key(row.distinct)))
+def _order(row: Row) -> tuple:
+    """Dataset, backbone, way; the methods of METHOD_NAMES in order, then others by name; then the settings."""
+    settings, method = row.settings, row.settings["method"]
+    rank = list(METHOD_NAMES).index(method) if method in METHOD_NAMES else len(METHOD_NAMES)
+    first = [_sort_value(settings.get(key)) for key in ("dataset", "model_type", "way")]
+    last = [_sort_value(settings.get(key)) for key in ("lamda", "inner_state", "test_episodes")]
+    return (*first, rank, method, _sort_value(settings.get("setting")), "lamda_grid" in settings, *last,
+            [(key, _key(value)) for key, value in row.distinct.items()])
 
 
 def collect(folders: Sequence[str | Path]) -> list[Row]:
-    """The rows of every ``result.json`` under ``folders``."""
-    return build_rows([run for path in find_results(folders) for run in load_result(path)])
-
-
-def format_cell(cell: Cell | None) -> str:
-    """``61.23 +- 0.80`` (percent), with ``(n=K)`` when K runs are combined; ``-`` when there is none."""
-    if cell is None:
-        return "-"
-    return f"{100 * cell.acc:.2f} +- {100 * cell.ci95:.2f}" + (f" (n={len(cell.runs)})" if len(cell.runs) > 1 else "")
+    """The rows of every ``result.json`` under ``folders`` (a file given itself is read alone), in table order;
+    the same settings, shot and seed twice are one run, the first in path order."""
+    found = set()
+    for path in map(resolve_path, folders):
+        if not path.exists():
+            raise InputError(f"{path}: no such folder.")
+        found.update(p.resolve() for p in ([path] if path.is_file() else path.rglob("result.json")))
+    if not found:
+        raise InputError(f"no result.json found under {', '.join(str(resolve_path(f)) for f in folders)}; pass "
+                         f"the run folders of run_proto.py, run_fusion.py, run_concatenation.py or run_demo.py.")
+    kept: dict[tuple, RunResult] = {}
+    rows: dict[str, Row] = {}
+    for run in (run for path in sorted(found) for run in load_result(path)):
+        twin = kept.setdefault((_key(run.settings), run.shot, _key(run.seed)), run)
+        if twin is not run:
+            print(f"warning: {run.path}: the same settings and seed ({run.seed}) as {twin.path}, so not an "
+                  f"independent run; only {twin.path} is counted.", file=sys.stderr, flush=True)
+            continue
+        row = rows.setdefault(_key(run.settings), Row(run.settings))
+        for figure in run.figures:
+            row.figures.setdefault((run.shot, figure), Cell(figure)).runs.append(run)
+    alike: dict[tuple, list[Row]] = {}
+    for row in rows.values():
+        alike.setdefault(tuple(row.columns()), []).append(row)
+    for group in alike.values():
+        keys = sorted(set().union(*(row.settings for row in group)))
+        differing = [key for key in keys if len({_key(row.settings.get(key)) for row in group}) > 1]
+        for row in group:
+            row.distinct = {key: row.settings.get(key) for key in differing}
+    return sorted(rows.values(), key=_order)
 
 
 def markdown(rows: Sequence[Row]) -> str:
-    """The table as Markdown: a line per row; per shot a column of the runs' own test, then one per protocol where
-    any row has them; then how to read the cells."""
+    """The table as Markdown: per shot a column of the runs' own test, then one per protocol any row has."""
     order = list(FIGURES)
     figures = sorted({key for row in rows for key in row.figures}, key=lambda key: (key[0], order.index(key[1])))
     with_other = any(row.distinct for row in rows)
@@ -265,7 +243,8 @@ def markdown(rows: Sequence[Row]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = row.columns() + ([row.other_settings()] if with_other else [])
-        lines.append("| " + " | ".join(cells + [format_cell(row.figures.get(key)) for key in figures]) + " |")
+        cells += [row.figures[key].text() if key in row.figures else "-" for key in figures]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Test accuracy in %, mean +- 95% CI over the test episodes; (n=K): the mean of K runs with the "
                   "same settings (different seeds) and the 95% CI of that mean."]
     if any(figure != "test" for _, figure in figures):
@@ -278,9 +257,9 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     """``results.csv``: a line per row and shot; accuracies as fractions; every setting in its own column."""
     first = ["method_name", *(key for key, _ in COLUMNS), "shot", "acc", "ci95", "runs", "seeds", "run_accs",
              "acc_reset", "ci95_reset", "acc_carry", "ci95_carry"]
-    writer_fields = first + sorted(set().union(*(row.settings for row in rows)) - set(first)) + ["files"]
+    fields = first + sorted(set().union(*(row.settings for row in rows)) - set(first)) + ["files"]
     with atomic_write(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=writer_fields, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for row in rows:
             for shot, cell in sorted(row.cells.items()):
@@ -292,21 +271,14 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
                             files=";".join(str(run.path) for run in cell.runs))
                 for figure, suffix in FIGURES.items():
                     if (shot, figure) in row.figures:
-                        line.update({f"acc{suffix}": repr(row.figures[(shot, figure)].acc),
-                                     f"ci95{suffix}": repr(row.figures[(shot, figure)].ci95)})
+                        combined = row.figures[(shot, figure)]
+                        line.update({f"acc{suffix}": repr(combined.acc), f"ci95{suffix}": repr(combined.ci95)})
                 writer.writerow(line)
 
 
-def _label(row: Row) -> str:
-    """The row's name in the plot: its columns and what tells it apart, those that are set."""
-    method, dataset, backbone, way, setting, inner_state, episodes = row.columns()
-    parts = [method, f"{dataset}/{backbone} {way}-way", setting, inner_state, f"{episodes} ep", row.other_settings()]
-    return ", ".join(part for part in parts if part not in ("", "-"))
-
-
 def plot(rows: Sequence[Row], path: Path) -> None:
-    """``results.png``: a panel per shot, a horizontal bar per row (two where a row has both protocols: reset,
-    and carry hatched), the 95% CIs as error bars."""
+    """``results.png``: a panel per shot and a bar per row with its 95% CI; a row with both protocols gets two
+    bars instead, reset and carry (hatched)."""
     import matplotlib
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
@@ -315,25 +287,29 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     shots = sorted({shot for row in rows for shot in row.cells})
     fig, axes = plt.subplots(1, len(shots), figsize=(3 + 4 * len(shots), 1.5 + 0.4 * len(rows)), sharey=True,
                              squeeze=False)
-    methods = list(dict.fromkeys(row.settings["method"] for row in rows))
+    methods = list(dict.fromkeys(row.settings["method"] for row in rows))  # a colour per method
     positions = range(len(rows) - 1, -1, -1)  # first row on top
     for ax, shot in zip(axes[0], shots):
         for position, row in zip(positions, rows):
-            bars = [(f, row.figures[(shot, f)]) for f in ("reset", "carry") if (shot, f) in row.figures]
-            if not bars and (shot, "test") in row.figures:
-                bars = [("test", row.figures[(shot, "test")])]
-            for i, (figure, cell) in enumerate(bars):
-                height = 0.8 / len(bars)
+            recorded = [figure for figure in FIGURES if (shot, figure) in row.figures]
+            bars = [figure for figure in recorded if figure != "test"] or recorded  # the protocols where recorded
+            color = plt.get_cmap("tab10")(methods.index(row.settings["method"]) % 10)
+            for i, figure in enumerate(bars):
+                cell, height = row.figures[(shot, figure)], 0.8 / len(bars)
                 ax.barh(position + 0.4 - height * (i + 0.5), 100 * cell.acc, height, xerr=100 * cell.ci95,
-                        capsize=3, alpha=0.85, hatch="//" if figure == "carry" else None,
-                        color=plt.get_cmap("tab10")(methods.index(row.settings["method"]) % 10))
+                        capsize=3, alpha=0.85, color=color, hatch="//" if figure == "carry" else None)
         ax.set(title=f"{shot}-shot", xlabel="test accuracy (%), 95% CI", xlim=(0, 100))
         ax.grid(axis="x", alpha=0.3)
     if any(figure != "test" for row in rows for _, figure in row.figures):
         axes[0][-1].legend(handles=[Patch(facecolor="grey", label="reset"),
                                     Patch(facecolor="grey", hatch="//", label="carry")], fontsize=8)
-    axes[0][0].set_yticks(list(positions))
-    axes[0][0].set_yticklabels([_label(row) for row in rows], fontsize=8)
+    labels = []
+    for row in rows:  # the columns and what tells the row apart, those that are set
+        method, dataset, backbone, way, setting, inner_state, episodes = row.columns()
+        parts = [method, f"{dataset}/{backbone} {way}-way", setting, inner_state, f"{episodes} ep",
+                 row.other_settings()]
+        labels.append(", ".join(part for part in parts if part not in ("", "-")))
+    axes[0][0].set_yticks(list(positions), labels, fontsize=8)
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=100)
@@ -345,8 +321,6 @@ def report(folders: Sequence[str | Path], out: str | Path | None = None) -> tupl
     folder). Returns the rows and the Markdown table (the caller writes it where it belongs)."""
     rows = collect(folders)
     out_dir = resolve_path(out if out is not None else folders[0])
-    if out_dir.is_file():
-        raise InputError(f"--out {out_dir}: a file, not a folder; pass a folder for results.csv and results.png.")
     write_csv(rows, out_dir / "results.csv")
     plot(rows, out_dir / "results.png")
     return rows, markdown(rows)
