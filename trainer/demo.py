@@ -29,7 +29,9 @@ import torch
 
 from dataloader.datasets import SPLITS
 from dataloader.demo import SPLIT_SIZES, ensure_demo_dataset
-from trainer import report
+from trainer import meta, meta_config, pre, pre_flags, proto_flags, report
+from trainer.evaluate import proto_baseline
+from trainer.extract import extract_splits, load_backbone
 from trainer.runs import default_run_dir
 from utils import InputError, resolve_device, resolve_path, save_json
 from utils.cli import parser_defaults
@@ -94,24 +96,18 @@ def stage(seconds: dict[str, float], name: str, what: str):
 
 def pretrain(args: argparse.Namespace, run_dir: Path) -> tuple[Path, float]:
     """Stage 2: pretraining on the demo data; returns the best backbone checkpoint and its validation accuracy."""
-    from trainer.pre import main as pretrain_main
-    from trainer.pre_flags import build_parser
-
     pre_args = parser_defaults(
-        build_parser(), dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
+        pre_flags.build_parser(), dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
         pre_max_epoch=args.pre_epochs, pre_lr=args.pre_lr, pre_step_size=args.pre_step_size,
         val_episodes=args.pre_val_episodes, seed=args.seed, device=args.device, run_dir=str(run_dir))
-    summary = pretrain_main(pre_args)
+    summary = pre.main(pre_args)
     return Path(summary["run_dir"]) / "max_acc.pth", summary["max_acc"]
 
 
 def protonet(args: argparse.Namespace, weights: Path, run_dir: Path) -> dict[int, dict]:
     """Stage 4: the ProtoNet baseline on the cached features; returns shot -> {acc, ci95}."""
-    from trainer.evaluate import proto_baseline
-    from trainer.proto_flags import build_parser
-
     proto_args = parser_defaults(
-        build_parser(), dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
+        proto_flags.build_parser(), dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
         init_weights=str(weights), way=args.way, shot=list(args.shot), query=args.query,
         episodes=args.test_episodes, seed=args.seed, device=args.device, threads=args.threads,
         run_dir=str(run_dir))
@@ -119,13 +115,10 @@ def protonet(args: argparse.Namespace, weights: Path, run_dir: Path) -> dict[int
     return {shot: result["shots"][str(shot)] for shot in args.shot}
 
 
-def meta(args: argparse.Namespace, head: str, weights: Path, run_dir: Path) -> dict[int, dict]:
+def tasnet(args: argparse.Namespace, head: str, weights: Path, run_dir: Path) -> dict[int, dict]:
     """Stages 5 and 6: the meta stage with ``head`` for every shot; returns shot -> {acc, ci95, ...}."""
-    from trainer.meta import main as meta_main
-    from trainer.meta_config import build_parser
-
     meta_args = parser_defaults(
-        build_parser(), head=head, dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
+        meta_config.build_parser(), head=head, dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
         init_weights=str(weights), way=args.way, shot=list(args.shot), train_query=args.query,
         val_query=args.query, test_query=args.query, max_epoch=args.max_epoch, num_batch=args.num_batch,
         val_episodes=args.val_episodes, test_episodes=args.test_episodes, inner_state=args.inner_state,
@@ -133,7 +126,7 @@ def meta(args: argparse.Namespace, head: str, weights: Path, run_dir: Path) -> d
     kept = ("inner_state", "test_acc_reset", "test_ci95_reset", "test_acc_carry", "test_ci95_carry",
             "carry_block_acc", "metric", "lamda", "normalize_input", "val_best_acc", "val_best_epoch")
     return {r["shot"]: {"acc": r["test_acc"], "ci95": r["test_ci95"], **{key: r[key] for key in kept}}
-            for r in meta_main(meta_args)}
+            for r in meta.main(meta_args)}
 
 
 def footer(args: argparse.Namespace, pre_acc: float, table: dict[str, dict[int, dict]]) -> list[str]:
@@ -181,7 +174,6 @@ def run_demo(args: argparse.Namespace) -> dict:
                                     f"{SPLIT_SIZES['train']} training classes"):
         weights, pre_acc = pretrain(args, run_dir / "pretrain")
     with stage(seconds, "features", f"{args.model_type} features of every split from {weights}"):
-        from trainer.extract import extract_splits, load_backbone
         feature_files = extract_splits(load_backbone(args.model_type, weights, device), args.data_root, DATASET,
                                        args.model_type, device, SPLITS, source=str(weights))
     with stage(seconds, "protonet", f"ProtoNet baseline, {args.test_episodes} test episodes"):
@@ -189,7 +181,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     for head in HEADS:
         with stage(seconds, head, f"TasNet {head}: {args.max_epoch} epoch(s) x {args.num_batch} episodes, then "
                                   f"{args.test_episodes} test episodes, per shot"):
-            table[head] = meta(args, head, weights, run_dir / head)
+            table[head] = tasnet(args, head, weights, run_dir / head)
     check_results(table)
 
     notes = footer(args, pre_acc, table)
