@@ -49,20 +49,20 @@ def setup(args: argparse.Namespace) -> torch.device:
     return resolve_device(args.device, args.threads)
 
 
-def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` prints it (from /proc/cpuinfo), or the platform's processor string."""
+def _proc_field(path: str, pattern: str) -> str | None:
+    """The first group of the regex ``pattern`` (one line) in a /proc file; None where either is absent."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        found = re.search(pattern, Path(path).read_text(), re.MULTILINE)
     except OSError:
-        return platform.processor() or "unknown"
-    found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return found.group(1).strip() if found else (platform.processor() or "unknown")
+        return None
+    return found.group(1).strip() if found else None
 
 
 def machine(device: torch.device) -> dict:
     """What a figure was measured on: device, torch version, threads, CPU, load average and commit."""
     info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "load_avg": list(os.getloadavg()),
+            "cpu": _proc_field("/proc/cpuinfo", r"^model name\s*:\s*(.+)$") or platform.processor() or "unknown",
+            "cpu_count": os.cpu_count(), "load_avg": list(os.getloadavg()),
             "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
@@ -81,15 +81,6 @@ def timed(work: Callable[[], object], device: torch.device) -> tuple[float, obje
     result = work()
     synchronize(device)
     return time.perf_counter() - started, result
-
-
-def _vm_hwm_mb() -> float | None:
-    """Peak resident set size of this process in MiB (VmHWM), None where /proc is absent."""
-    try:
-        found = re.search(r"^VmHWM:\s*(\d+)\s*kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(found.group(1)) / 1024 if found else None
 
 
 @contextmanager
@@ -114,7 +105,8 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
     except OSError:
         kind = "rss_process"
     yield record
-    record.update(peak_mb=_vm_hwm_mb(), peak_kind=kind)
+    peak_kb = _proc_field("/proc/self/status", r"^VmHWM:\s*(\d+)\s*kB")  # the peak resident set size
+    record.update(peak_mb=int(peak_kb) / 1024 if peak_kb else None, peak_kind=kind)
 
 
 def emit(record: dict) -> None:

@@ -4,25 +4,20 @@
     python bench/meta.py --device cpu --threads 2 --parts inner   # the inner loop alone, reset, on both cores
     python bench/meta.py --device cuda                       # 600 test episodes per setting
 
-On synthetic class-structured features held in memory (64 / 16 / 20 classes x 600 samples x 640-d, class
-vectors of ``--dim``), for each head (fusion, concat), shot (1, 5) and inner-loop mode (carry, reset), it
-times the project's own code (``trainer.meta.train_epoch`` and ``trainer.meta.evaluate``) on training,
-validation and test episodes, and a plain reference written here that does what the original does per
-episode: 100 ``torch.optim.Adam`` steps (StepLR) on one ``nn.Linear(640, D)`` with loss mean(1 - cos), then
-the head, one episode at a time (plus the outer Adam step in training): ``models.reference.plain_episode``. Both run in this process on the same
-episodes; the reference carries its regressor over (the original), so in carry mode both give the same
-accuracies. Only steady state is timed (every measurement is preceded by a warm-up on other episodes).
+On synthetic class-structured features (64 / 16 / 20 classes x 600 samples x 640-d, class vectors of
+``--dim``), for each head, shot and inner-loop mode, it times ``trainer.meta.train_epoch`` and
+``trainer.meta.evaluate`` on training, validation and test episodes against the original's way, one episode
+at a time (``models.reference.plain_episode``: 100 Adam steps of the regressor, then the head; plus the outer
+Adam step in training). The reference carries its regressor over, so in carry mode both give the same
+accuracies. Every measurement follows a warm-up on other episodes.
 
-It also times the inner loop alone on the same test episodes (``inner``): reset mode's
-``models.inner_loop.fit_semantic_regressor`` over all of them against ``plain_fit_regressor`` (autograd + a fresh
-``torch.optim.Adam``) from the same initial state on each of the first ``--ref_episodes``, one after another.
-``--threads`` applies to ours (reset mode then fits its chunks on that many worker threads) and, unless
-``--ref_threads`` is given, to the reference: ``--threads 2 --ref_threads 2`` compares the whole machine
-against the whole machine on two cores, ``--ref_threads 1`` against the reference at its best on a busy CPU.
+``inner`` times the inner loop alone on the test episodes: reset mode's ``fit_semantic_regressor`` over all of
+them against ``plain_fit_regressor`` on each of the first ``--ref_episodes``, from the same initial state.
+``--threads`` applies to ours and, unless ``--ref_threads`` is given, to the reference.
 
-Prints one JSON line: ``rows`` (one per implementation, setting and phase: episodes, seconds, episodes/s,
-mean accuracy, peak memory), ``ratios`` (ours / reference episodes/s) and ``test_600_s`` (the wall time of a
-600-episode test, measured when ``--episodes`` is 600, else extrapolated from the measured rate).
+Prints one JSON line: ``rows`` (per implementation, setting and phase: episodes, seconds, episodes/s, accuracy,
+peak memory), ``ratios`` (ours / reference episodes/s) and ``test_600_s`` (a 600-episode test's wall time,
+extrapolated unless ``--episodes`` is 600).
 """
 from __future__ import annotations
 
@@ -49,7 +44,9 @@ from models.inner_loop import INNER_STATES, fit_semantic_regressor, plain_fit_re
 from models.reference import plain_episode
 from trainer.evaluate import episode_indices
 from trainer.meta import build_model, evaluate, gather_episodes, train_epoch
-from trainer.meta_config import MetaConfig, build_parser
+from trainer.flags import positive_int
+from trainer.meta_config import MetaConfig, build_parser, non_negative_int
+from utils.cli import parser_defaults
 
 FEATURE_DIM = 640
 WAY, QUERY = 5, 15  # the run scripts' episodes: 5-way, 15 queries per class in every phase
@@ -66,29 +63,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--heads", nargs="+", default=["fusion", "concat"], choices=["fusion", "concat"], help="heads to time")
     add("--shots", type=int, nargs="+", default=[1, 5], help="shots to time (5-way, 15 queries)")
     add("--modes", nargs="+", default=list(INNER_STATES), choices=INNER_STATES, help="inner-loop modes to time")
-    add("--episodes", type=int, default=0,
-        help="test episodes (0: the standard 600 on CUDA; 100 on a CPU, where the whole bench then takes ~2 min)")
-    add("--train_episodes", type=int, default=0,
-        help="training episodes (0: 100, one epoch of the run scripts, on CUDA; 40 on a CPU)")
-    add("--val_episodes", type=int, default=0,
-        help="validation episodes (0: 100, as per epoch in the run scripts, on CUDA; 40 on a CPU)")
+    add("--episodes", type=int, default=0, help="test episodes (0: the standard 600 on CUDA, 100 on a CPU)")
+    add("--train_episodes", type=int, default=0, help="training episodes (0: 100, an epoch, on CUDA; 40 on a CPU)")
+    add("--val_episodes", type=int, default=0, help="validation episodes (0: 100 on CUDA, 40 on a CPU)")
     add("--carry_episodes", type=int, default=-1,
-        help="cap on the episodes of every carry-mode phase (0: no cap; -1: none on CUDA, 30 on a CPU); carry "
-             "is sequential, so on a CPU its rate is measured on fewer episodes")
+        help="cap on the episodes of every carry-mode phase, which is sequential (0: no cap; -1: none on CUDA, "
+             "30 on a CPU)")
     add("--ref_episodes", type=int, default=0,
-        help="episodes of the plain reference per phase (0: 60 on CUDA, 10 on a CPU, where it runs ~3-12 "
-             "episodes/s)")
-    add("--warmup", type=int, default=0,
-        help="episodes run before each measurement, not timed (0: 4 on CUDA, 2 on a CPU)")
+        help="episodes of the plain reference per phase (0: 60 on CUDA, 10 on a CPU, where it runs ~3-12 ep/s)")
+    add("--warmup", type=int, default=0, help="untimed episodes before each measurement (0: 4 on CUDA, 2 on a CPU)")
     add("--parts", nargs="+", default=["inner", "settings"], choices=["inner", "settings"],
         help="inner: the inner loop alone (reset against plain_fit_regressor); settings: the trainer's episodes "
              "per head, shot and mode against the plain reference")
     add("--ref_threads", type=int, default=0,
         help="torch threads while the plain reference runs (0: the same as --threads)")
-    add("--episode_batch", type=int, default=100, help="the trainer's --episode_batch (reset mode)")
-    add("--inner_steps", type=int, default=100,
-        help="inner-loop Adam steps per episode, ours and the reference's (100: the original; fewer only for "
-             "smoke tests)")
+    add("--episode_batch", type=positive_int, default=100, help="the trainer's --episode_batch (reset mode)")
+    add("--inner_steps", type=non_negative_int, default=100,
+        help="inner-loop Adam steps per episode, ours and the reference's (100: the original)")
     args = parser.parse_args(argv)
     if args.quick:
         args.dim, args.classes, args.samples_per_class, args.inner_steps = 16, [6, 5, 5], 20, 10
@@ -98,8 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_sizes(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
-    """Fill the 0 / -1 defaults for the device: the run scripts' sizes on CUDA, minutes-sized ones on a CPU.
-    Every measurement is preceded by a warm-up (the first episodes pay for allocations and kernel loading)."""
+    """Fill the 0 / -1 defaults for the device: the run scripts' sizes on CUDA, minutes-sized ones on a CPU."""
     cuda = device.type == "cuda"
     fill_unset(args, {"episodes": 600 if cuda else 100, "train_episodes": 100 if cuda else 40,
                       "val_episodes": 100 if cuda else 40, "ref_episodes": 60 if cuda else 10,
@@ -109,7 +99,6 @@ def resolve_sizes(args: argparse.Namespace, device: torch.device) -> argparse.Na
     return args
 
 
-# ---------------------------------------------------------------------------------------------- data
 def synthetic_splits(args: argparse.Namespace, device: torch.device) -> dict[str, FeatureSplit]:
     """Class-structured features: non-negative (like pooled LeakyReLU features) class centres plus noise, and
     class vectors that are a fixed random linear image of the centres, so a regressor has something to learn."""
@@ -126,7 +115,6 @@ def synthetic_splits(args: argparse.Namespace, device: torch.device) -> dict[str
     return splits
 
 
-# ---------------------------------------------------------------------------------------------- reference
 def plain_run(model: TasNet, split: FeatureSplit, indices: torch.Tensor, config: MetaConfig, query: int,
               training: bool, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
     """The reference (:func:`models.reference.plain_episode`) over episodes (E, way*(shot+query)), one after the
@@ -151,13 +139,11 @@ def plain_run(model: TasNet, split: FeatureSplit, indices: torch.Tensor, config:
     return torch.stack(accuracies)
 
 
-# ---------------------------------------------------------------------------------------------- timing
 def meta_config(head: str, shot: int, mode: str, args: argparse.Namespace) -> tuple[argparse.Namespace, MetaConfig]:
     """The run scripts' flags for this setting (dataset ``mini``: euclidean metric, inner StepLR(10, 0.2))."""
-    args = build_parser().parse_args([
-        "--head", head, "--inner_state", mode, "--episode_batch", str(args.episode_batch), "--inner_steps",
-        str(args.inner_steps), "--dataset", "mini", "--way", str(WAY), "--train_query", str(QUERY),
-        "--val_query", str(QUERY), "--test_query", str(QUERY)])
+    args = parser_defaults(build_parser(), head=head, inner_state=mode, episode_batch=args.episode_batch,
+                           inner_steps=args.inner_steps, dataset="mini", way=WAY, train_query=QUERY,
+                           val_query=QUERY, test_query=QUERY)
     return args, MetaConfig.from_args(args, shot)
 
 
@@ -227,16 +213,13 @@ def bench_inner(shot: int, splits: dict[str, FeatureSplit], indices: dict, args:
     _, config = meta_config("fusion", shot, "reset", args)
     regressor = initial_model(config, splits, args, device).word_learner
 
-    def batch(chosen):
-        return gather_episodes(splits["test"], chosen, config, QUERY, training=False)
-
     def ours(chosen):
-        episodes = batch(chosen)
+        episodes = gather_episodes(splits["test"], chosen, config, QUERY, training=False)
         return lambda: fit_semantic_regressor(regressor, episodes.support, episodes.support_targets, episodes.query,
-                                        config.inner, "reset")
+                                              config.inner, "reset")
 
     def plain(chosen):
-        episodes = batch(chosen)
+        episodes = gather_episodes(splits["test"], chosen, config, QUERY, training=False)
 
         def run():
             outputs = []

@@ -1,28 +1,20 @@
 """Batched pretraining transforms on uint8 image tensors, on any device: a fast twin of the per-image torchvision path.
 
 The plain path runs torchvision per image on PIL images (`torchvision_train_transform`,
-`torchvision_eval_transform`). The batched path draws the same random parameters with the same distributions
-and does the same arithmetic as torchvision's tensor path, for a whole batch at once:
+`torchvision_eval_transform`). The batched path draws the same random parameters from the same distributions
+and does the arithmetic of torchvision's tensor path, for a whole batch at once:
 
 * Crop + resize is one separable linear map per sample, `rows @ image @ cols^T`, whose matrices hold the
   antialiased-bilinear weights of PIL and of `interpolate(antialias=True)` (a triangle filter widened by the
-  downscale factor). Upscaling (every crop of an 84x84 image resized to 84) and antialiased downscaling both
-  match `F.resized_crop(antialias=True)` to 1e-5; the horizontal flip is folded into the column weights.
+  downscale factor); the horizontal flip is folded into the column weights. Upscaling and antialiased
+  downscaling both match `F.resized_crop(antialias=True)` to 1e-5. When no crop can be downscaled (the image is
+  no larger than the output: known from shapes, no device sync) an output pixel has only two non-zero weights
+  per axis, so each axis is an index_select or gather and a lerp (`_resample_taps`), 2-3x faster than the bmm's.
 * ColorJitter blends with black (brightness), the mean grey level (contrast) or the grey image (saturation),
   clamped to [0, 1] after each step, in a random order per sample, as torchvision's tensor path.
 
-Speed (CPU, 1 thread, batches of 16; bench/pretrain.py). With dense weight matrices ~85% of the time went to two
-bmm's whose rows hold at most 2 non-zeros when upscaling, since the filter only widens when downscaling. So when
-no crop can be downscaled (the image is no larger than the output: known from shapes, no device sync), each
-axis is applied as two taps per output pixel (`_resample_taps`): an index_select of whole uint8 rows and a lerp,
-then a gather of column pairs and a lerp, 2-3x faster than the bmm's; larger images keep the dense path. Two
-other costs were as large: on a CPU each call allocated ~10 MB of intermediates, which glibc returned to the OS
-and then faulted in again page by page (2-3 us per 4 KiB page on a VM), so intermediates now live in per-thread
-buffers reused across calls (`_Scratch`) and batches go in parts of 16 images that stay in cache; and dozens of
-small ops at several microseconds each, now fewer (ColorJitter's coefficients for all three steps at once, one
-op for Normalize). ColorJitter also avoids an addcmul with two broadcast operands, which the CPU kernel does not
-vectorise. In all, `train_augment` is ~2x faster at batch 16 and ~2.4x at batch 64. The random draws and their
-order are unchanged: seeded outputs are too, up to ~1e-6.
+On a CPU a batch goes in parts of 16 images that stay in cache, through buffers reused across calls (`_Scratch`).
+bench/pretrain.py measures the speed-up.
 
 Deviations from the PIL path, which rounds to uint8 after each resize pass and each colour step (and uses
 integer luma weights): this path stays in float32, so eval outputs differ from PIL's by 0.26-0.29 grey levels
@@ -48,9 +40,9 @@ _CPU_CHUNK = 16
 class _Scratch(threading.local):
     """Intermediate buffers of the CPU path, kept from call to call (one set per thread).
 
-    A part of 16 images needs ~8 MB of intermediates. Freed after every call, glibc returns blocks that large to
-    the OS, and the next call pays a page fault for every 4 KiB it touches again: 2-3 us each on a virtual
-    machine, more than the arithmetic on them. On a GPU the caching allocator already recycles memory.
+    Freed after every call, glibc returns blocks this large (~8 MB per part) to the OS, and the next call pays a
+    page fault per 4 KiB (2-3 us on a virtual machine), more than the arithmetic. On a GPU the caching allocator
+    already recycles memory.
     """
 
     def __init__(self):
@@ -277,21 +269,14 @@ def _resized_crop(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor 
     return _resample(images, rows, cols, out)
 
 
-def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """torchvision's brightness / contrast / saturation adjustments, per sample, in a per-sample order.
+def color_jitter_(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision's brightness / contrast / saturation adjustments, per sample, in a per-sample order, in place.
 
     Args:
-        images: (B, 3, H, W) float in [0, 1].
+        images: (B, 3, H, W) float in [0, 1], overwritten and returned.
         factors: (B, 3) brightness, contrast and saturation factors.
         order: (B, 3) int64, each row a permutation of (0, 1, 2) = (brightness, contrast, saturation).
-    Returns:
-        (B, 3, H, W) float in [0, 1], a new tensor.
     """
-    return _color_jitter_(images.clone(), factors, order)
-
-
-def _color_jitter_(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """`color_jitter` in place."""
     # each adjustment blends with a target, factor * image + (1 - factor) * target, where the target is black
     # (brightness), the mean grey level (contrast) or the grey image (saturation): target = a * grey + b * mean
     # with (a, b) = (0, 0), (0, 1 - factor) or (1 - factor, 0). All three steps' coefficients at once, (B, 3, 1, 1):
@@ -320,9 +305,7 @@ def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: 
 
 
 def _normalise(images: torch.Tensor, mean, std, out: torch.Tensor) -> torch.Tensor:
-    """(images - mean) / std per channel, written to `out` (any memory format); both (B, 3, H, W).
-
-    Subtracting then dividing by float32 tensors is exactly what Normalize computes."""
+    """(images - mean) / std per channel, exactly as Normalize, written to `out` (any memory format); (B, 3, H, W)."""
     mean, std = _channel_constants(tuple(map(float, mean)), tuple(map(float, std)), images.device)
     return torch.sub(images, mean, out=out).div_(std)
 
@@ -375,7 +358,7 @@ def train_augment(images: torch.Tensor, mean: Sequence[float], std: Sequence[flo
             pixels = _scratch("pixels", (len(chunk), 3, out_size, out_size), torch.float32, device)
             _resized_crop(chunk, boxes[part], flip[part], pixels)
             if jitter > 0:
-                _color_jitter_(pixels, factors[part], order[part])
+                color_jitter_(pixels, factors[part], order[part])
             _normalise(pixels, mean, std, out[part])
         return out
 

@@ -1,24 +1,22 @@
 """The embedded ``demo`` dataset: coloured, patterned shapes named by the words that describe them.
 
-A fresh clone has no benchmark data, so this module draws one (deterministically, without network, in
-seconds) in the same on-disk format as the prepared benchmarks::
+A fresh clone has no benchmark data, so this module draws one, deterministically and offline, in the format
+of the prepared benchmarks::
 
     <out>/few-shot-{train,val,test}.npz          features uint8 (N, 84, 84, 3), targets int64 0..C-1
     <out>/few-shot-wordemb-{train,val,test}.npz  features float32 (C, 50), row c = class c's vector
     <out>/classes-{train,val,test}.txt           line c: "<name><TAB><name>" of label c (id = name)
     <out>/demo.json                              the settings it was drawn with, written last
 
-A class is a combination ``<colour> <pattern> <shape>`` ("red banded circle", "blue spotted heart").
-The splits hold disjoint combinations, and every word of a val/test class also occurs in some training
-class: the semantic vector of a novel class therefore says something its one or five shots may not.
-Images vary in position, scale, rotation and aspect of the shape, hue/saturation/brightness of its colour,
-phase/period/orientation and ink of its pattern, and carry a cluttered background (lines, blobs, gradient,
-pixel noise) drawn in arbitrary colours.
+A class is a combination ``<colour> <pattern> <shape>`` ("red banded circle"). The splits hold disjoint
+combinations, and every word of a val/test class also occurs in some training class, so the semantic vector
+of a novel class says something its few shots may not. Shape, colour and pattern jitter within a class, over
+a cluttered background.
 
-Class vectors are the mean GloVe vector of the class's words, built by the benchmarks' own code path
-(``dataloader.glove``) from ``assets/demo_glove.50d.txt``: the 50-d GloVe 6B lines of the 17 words used,
-copied verbatim. GloVe (Pennington, Socher and Manning, 2014; https://nlp.stanford.edu/projects/glove/)
-is released under the Open Data Commons Public Domain Dedication and License (PDDL) 1.0.
+Class vectors are the mean GloVe vector of the class's words (``dataloader.glove``), from
+``assets/demo_glove.50d.txt``: the 50-d GloVe 6B lines of the 17 words, verbatim. GloVe (Pennington, Socher
+and Manning, 2014; https://nlp.stanford.edu/projects/glove/) is released under the Open Data Commons Public
+Domain Dedication and License (PDDL) 1.0.
 
 Usage: ``python -m dataloader.demo --out data/demo`` (or :func:`ensure_demo_dataset` from code).
 """
@@ -63,14 +61,10 @@ STAMP_NAME = "demo.json"
 
 
 def demo_classes() -> dict[str, list[tuple[str, str, str]]]:
-    """The (colour, pattern, shape) combinations of each split, sorted by name within a split.
+    """The (colour, pattern, shape) combinations of each split, sorted by name: ``{"train": [...48], ...}``.
 
     Each split is filled greedily from a fixed shuffle of all combinations, taking next the combination
-    whose words the split has used least, so every colour, pattern and shape appears about equally often
-    in every split.
-
-    Returns:
-        ``{"train": [...48], "val": [...16], "test": [...20]}``, disjoint, every val/test word in train.
+    whose words the split has used least, so every word appears about equally often in every split.
     """
     rng = np.random.default_rng(LAYOUT_SEED)
     remaining = [(c, p, s) for c in COLOURS for p in PATTERNS for s in SHAPES]
@@ -87,9 +81,6 @@ def demo_classes() -> dict[str, list[tuple[str, str, str]]]:
             for word in best:
                 counts[word] = counts.get(word, 0) + 1
         splits[split] = sorted(chosen, key=" ".join)
-    train_words = {w for combo in splits["train"] for w in combo}
-    missing = {w for s in ("val", "test") for combo in splits[s] for w in combo} - train_words
-    assert not missing, f"demo layout: val/test words {sorted(missing)} never occur in train"
     return {split: splits[split] for split in ("train", "val", "test")}
 
 
@@ -116,13 +107,6 @@ def _blend(canvas: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndar
     return canvas
 
 
-def _segment_distance(x, y, x0, y0, x1, y1) -> np.ndarray:
-    """Distance of the pixels (x, y) from the segments (x0, y0)-(x1, y1); the ends are (n, 1, 1)."""
-    dx, dy = x1 - x0, y1 - y0
-    t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy + 1e-6), 0.0, 1.0)
-    return np.hypot(x - x0 - t * dx, y - y0 - t * dy)
-
-
 def _draw_lines(rng, canvas, x, y, count: int, alpha: tuple) -> np.ndarray:
     """``count`` random straight strokes of random colour, width and length over each canvas."""
     n = canvas.shape[0]
@@ -130,9 +114,11 @@ def _draw_lines(rng, canvas, x, y, count: int, alpha: tuple) -> np.ndarray:
         x0, y0 = _uniform(rng, -10, IMAGE_SIZE + 10, n), _uniform(rng, -10, IMAGE_SIZE + 10, n)
         angle, length = _uniform(rng, 0, np.pi, n), _uniform(rng, 15, 90, n)
         x1, y1 = x0 + length * np.cos(angle), y0 + length * np.sin(angle)
-        half_width = _uniform(rng, 0.4, 1.4, n)
+        dx, dy = x1 - x0, y1 - y0
+        t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy + 1e-6), 0.0, 1.0)
+        distance = np.hypot(x - x0 - t * dx, y - y0 - t * dy)  # of each pixel from the stroke's segment
         # A soft one-pixel edge keeps thin strokes from aliasing.
-        ink = np.clip(half_width + 0.5 - _segment_distance(x, y, x0, y0, x1, y1), 0.0, 1.0)
+        ink = np.clip(_uniform(rng, 0.4, 1.4, n) + 0.5 - distance, 0.0, 1.0)  # half-width + 0.5 - distance
         colour = _random_colours(rng, n, (0.2, 0.9), (0.2, 0.95))
         canvas = _blend(canvas, colour, ink * _uniform(rng, *alpha, n))
     return canvas
@@ -185,10 +171,9 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _pattern_ink(pattern: str, rng: np.random.Generator, n: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Where the second ink of ``pattern`` goes on ``n`` images, float (n, H, W) in {0, 1}.
+    """Where the second ink of ``pattern`` goes on ``n`` images (own period, phase, orientation each).
 
-    Every image gets its own period, phase and orientation; ``x`` (1, 1, W) and ``y`` (1, H, 1) are the
-    pixel centres.
+    ``x`` (1, 1, W) and ``y`` (1, H, 1) are the pixel centres; returns float (n, H, W) in {0, 1}.
     """
     if pattern in ("plain", "empty"):
         return np.zeros(np.broadcast_shapes(x.shape, (n, 1, 1)), dtype=np.float32)
@@ -207,13 +192,10 @@ def _pattern_ink(pattern: str, rng: np.random.Generator, n: int, x: np.ndarray, 
 
 
 def render_class(colour: str, pattern: str, shape: str, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw ``count`` images of one class, all at once.
+    """Draw ``count`` images of one class at once -> uint8 (count, 84, 84, 3) RGB.
 
-    The shape is drawn at ``SUPERSAMPLE`` times the resolution and box-filtered down (colour premultiplied
-    by coverage), which anti-aliases its edges; the soft background is drawn at the final resolution.
-
-    Returns:
-        uint8 (count, 84, 84, 3) RGB.
+    The shape is drawn at ``SUPERSAMPLE`` times the resolution and box-filtered down, which anti-aliases its
+    edges; the soft background is drawn at the final resolution.
     """
     axis = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5
     canvas = _background(rng, count, axis[None, None, :], axis[None, :, None])
@@ -262,20 +244,11 @@ def render_class(colour: str, pattern: str, shape: str, count: int, rng: np.rand
     return image.transpose(0, 2, 3, 1).copy()  # channels last, as the dataset files hold them
 
 
-def _expected_files(out_dir: Path) -> list[Path]:
-    """Every file a complete demo dataset has, the stamp last."""
-    names = [f"{kind}-{split}{ext}" for split in ("train", "val", "test")
-             for kind, ext in (("few-shot", ".npz"), ("few-shot-wordemb", ".npz"), ("classes", ".txt"))]
-    return [out_dir / name for name in names] + [out_dir / STAMP_NAME]
-
-
-def _stamp(seed: int, images_per_class: int) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "seed": seed, "images_per_class": images_per_class}
-
-
 def _is_complete(out_dir: Path, stamp: dict) -> bool:
     """All files present, and the stamp (written last) records the same settings."""
-    if not all(path.is_file() for path in _expected_files(out_dir)):
+    names = [f"{kind}-{split}{ext}" for split in ("train", "val", "test")
+             for kind, ext in (("few-shot", ".npz"), ("few-shot-wordemb", ".npz"), ("classes", ".txt"))]
+    if not all((out_dir / name).is_file() for name in names):
         return False
     try:
         return json.loads((out_dir / STAMP_NAME).read_text()) == stamp
@@ -285,21 +258,12 @@ def _is_complete(out_dir: Path, stamp: dict) -> bool:
 
 def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0,
                       images_per_class: int = DEFAULT_IMAGES_PER_CLASS, force: bool = False) -> Path:
-    """Draw the demo dataset into ``out_dir`` unless a complete one with the same settings is there.
-
-    Args:
-        out_dir: target folder (relative paths are taken from the repository root).
-        seed: seeds every image; the class lists are fixed (``demo_classes``).
-        images_per_class: images drawn per class, in every split.
-        force: redraw even when a complete dataset with these settings exists.
-
-    Returns:
-        the absolute output folder.
-    """
+    """Draw the demo dataset into ``out_dir`` (relative to the repository) unless a complete one with the same
+    settings is there, or ``force``; returns the absolute folder. ``seed`` seeds every image, not the classes."""
     if images_per_class < 1:
         raise InputError(f"--images-per-class {images_per_class}: must be at least 1.")
     out_dir = resolve_path(out_dir)
-    stamp = _stamp(seed, images_per_class)
+    stamp = {"generator_version": GENERATOR_VERSION, "seed": seed, "images_per_class": images_per_class}
     if not force and _is_complete(out_dir, stamp):
         return out_dir
     (out_dir / STAMP_NAME).unlink(missing_ok=True)  # a run cut short must not look complete
@@ -330,15 +294,7 @@ def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0,
 
 def ensure_demo_dataset(data_root: str | os.PathLike = "data", seed: int = 0,
                         images_per_class: int = DEFAULT_IMAGES_PER_CLASS) -> Path:
-    """``<data_root>/demo``, drawn first if it is absent, incomplete or drawn with other settings.
-
-    Args:
-        data_root: the data folder (default: the repository's ``data/``).
-        seed, images_per_class: as for :func:`make_demo_dataset`.
-
-    Returns:
-        the absolute ``<data_root>/demo`` folder.
-    """
+    """The absolute ``<data_root>/demo``, drawn first if it is absent, incomplete or drawn with other settings."""
     return make_demo_dataset(resolve_path(data_root) / "demo", seed=seed, images_per_class=images_per_class)
 
 

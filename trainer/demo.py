@@ -1,41 +1,37 @@
 """The embedded demo end to end (``run_demo.py``): every stage of the method on a CPU in minutes.
 
-1. data      ``<data_root>/demo``: drawn by :mod:`dataloader.demo` when absent (kept when already there)
+1. data      ``<data_root>/demo``: drawn by :mod:`dataloader.demo` when absent
 2. pretrain  the backbone on the 48 training classes (``trainer.pre``, run_pre.py's recipe, few epochs)
-3. features  ``<data_root>/demo/<backbone>/feat-<split>.npz`` from this run's best backbone (re-extracted
-             every run, so they always belong to the backbone of the run)
+3. features  ``<data_root>/demo/<backbone>/feat-<split>.npz``, re-extracted from this run's best backbone
 4. protonet  the ProtoNet baseline of that backbone (``trainer.evaluate.proto_baseline``)
 5. fusion    TasNet, fusion head (``trainer.meta``), trained and tested per shot
 6. concat    TasNet, concatenation head, the same
-then one table of test accuracies (mean +- 95% CI) on the same fixed test episodes for every method, made by
-:mod:`trainer.report` from the stages' result.json files.
+then :mod:`trainer.report`'s table of test accuracies (mean +- 95% CI), every method on the same test episodes.
+Every stage is called as a function with its command's defaults except for the flags the demo sets here.
 
 The run folder::
 
     <run_dir>/pretrain/          run_pre.py's folder: config.json, log.jsonl, curves.png, max_acc.pth, last.pth
     <run_dir>/protonet/          result.json
-    <run_dir>/fusion/shot<K>/    config.json, log.jsonl, curves.png, max_acc.pth, result.json
-    <run_dir>/concat/shot<K>/    the same
+    <run_dir>/{fusion,concat}/shot<K>/   config.json, log.jsonl, curves.png, max_acc.pth, result.json
     <run_dir>/results.json       the table, the settings and the wall time of every stage
-    <run_dir>/results.md         the table as markdown (trainer.report's), with the notes under it
-    <run_dir>/results.csv        trainer.report's CSV: one line per method and shot, every setting
-    <run_dir>/results.png        trainer.report's bar chart of the table
-
-Every stage is called as a function with its command's defaults (the parsers of trainer.pre_flags,
-trainer.proto_flags and trainer.meta_config) except for the flags the demo sets here.
+    <run_dir>/results.{md,csv,png}   trainer.report's table (the .md with the notes under it), CSV and bar chart
 """
 from __future__ import annotations
 
 import argparse
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from dataloader.datasets import SPLITS
 from dataloader.demo import SPLIT_SIZES, ensure_demo_dataset
-from trainer import report
+from trainer import meta, meta_config, pre, pre_flags, proto_flags, report
+from trainer.evaluate import proto_baseline
+from trainer.extract import extract_splits, load_backbone
 from trainer.runs import default_run_dir
 from utils import InputError, resolve_device, resolve_path, save_json
 from utils.cli import parser_defaults
@@ -43,6 +39,7 @@ from utils.io import atomic_write
 
 DATASET = "demo"
 HEADS = ("fusion", "concat")
+STAGES = ("data", "pretrain", "features", "protonet") + HEADS
 DESCRIPTION = "synthetic colour-pattern-shape images, real GloVe 6B 50-d semantics"
 BACKBONE_NOTES = {
     "conv4_28": "Conv-4 on the images average-pooled from 84x84 to 28x28, 64-d features",
@@ -87,53 +84,30 @@ def check_args(args: argparse.Namespace) -> None:
                          f"--query {args.query} needs {needed} images per class; draw more or lower --query.")
 
 
-class Stages:
-    """Prints a header per stage and records its wall time."""
-
-    def __init__(self, names: tuple[str, ...]):
-        self.names, self.seconds = names, {}
-        self._current, self._started = None, 0.0
-
-    def start(self, name: str, what: str) -> None:
-        self.finish()
-        self._current, self._started = name, time.perf_counter()
-        print(f"\n== [{self.names.index(name) + 1}/{len(self.names)}] {name}: {what}", flush=True)
-
-    def finish(self) -> None:
-        if self._current is not None:
-            self.seconds[self._current] = time.perf_counter() - self._started
-            print(f"== {self._current} done in {self.seconds[self._current]:.0f} s", flush=True)
-            self._current = None
+@contextmanager
+def stage(seconds: dict[str, float], name: str, what: str):
+    """Print a header for the stage ``name``, run the block, record its wall time in ``seconds``."""
+    print(f"\n== [{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what}", flush=True)
+    started = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - started
+    print(f"== {name} done in {seconds[name]:.0f} s", flush=True)
 
 
 def pretrain(args: argparse.Namespace, run_dir: Path) -> tuple[Path, float]:
     """Stage 2: pretraining on the demo data; returns the best backbone checkpoint and its validation accuracy."""
-    from trainer.pre import main as pretrain_main
-    from trainer.pre_flags import build_parser
-
     pre_args = parser_defaults(
-        build_parser(), dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
+        pre_flags.build_parser(), dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
         pre_max_epoch=args.pre_epochs, pre_lr=args.pre_lr, pre_step_size=args.pre_step_size,
         val_episodes=args.pre_val_episodes, seed=args.seed, device=args.device, run_dir=str(run_dir))
-    summary = pretrain_main(pre_args)
+    summary = pre.main(pre_args)
     return Path(summary["run_dir"]) / "max_acc.pth", summary["max_acc"]
-
-
-def extract(args: argparse.Namespace, weights: Path, device: torch.device) -> dict[str, Path]:
-    """Stage 3: features of every split from ``weights``, replacing any cached ones."""
-    from trainer.extract import extract_splits, load_backbone
-
-    backbone = load_backbone(args.model_type, weights, device)
-    return extract_splits(backbone, args.data_root, DATASET, args.model_type, device, SPLITS, source=str(weights))
 
 
 def protonet(args: argparse.Namespace, weights: Path, run_dir: Path) -> dict[int, dict]:
     """Stage 4: the ProtoNet baseline on the cached features; returns shot -> {acc, ci95}."""
-    from trainer.evaluate import proto_baseline
-    from trainer.proto_flags import build_parser
-
     proto_args = parser_defaults(
-        build_parser(), dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
+        proto_flags.build_parser(), dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
         init_weights=str(weights), way=args.way, shot=list(args.shot), query=args.query,
         episodes=args.test_episodes, seed=args.seed, device=args.device, threads=args.threads,
         run_dir=str(run_dir))
@@ -141,24 +115,18 @@ def protonet(args: argparse.Namespace, weights: Path, run_dir: Path) -> dict[int
     return {shot: result["shots"][str(shot)] for shot in args.shot}
 
 
-def meta(args: argparse.Namespace, head: str, weights: Path, run_dir: Path) -> dict[int, dict]:
+def tasnet(args: argparse.Namespace, head: str, weights: Path, run_dir: Path) -> dict[int, dict]:
     """Stages 5 and 6: the meta stage with ``head`` for every shot; returns shot -> {acc, ci95, ...}."""
-    from trainer.meta import main as meta_main
-    from trainer.meta_config import build_parser
-
     meta_args = parser_defaults(
-        build_parser(), head=head, dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
+        meta_config.build_parser(), head=head, dataset=DATASET, data_root=args.data_root, model_type=args.model_type,
         init_weights=str(weights), way=args.way, shot=list(args.shot), train_query=args.query,
         val_query=args.query, test_query=args.query, max_epoch=args.max_epoch, num_batch=args.num_batch,
         val_episodes=args.val_episodes, test_episodes=args.test_episodes, inner_state=args.inner_state,
         seed=args.seed, device=args.device, run_dir=str(run_dir))
-    results = meta_main(meta_args)
-    return {r["shot"]: {"acc": r["test_acc"], "ci95": r["test_ci95"], "inner_state": r["inner_state"],
-                        **{key: r[key] for key in ("test_acc_reset", "test_ci95_reset", "test_acc_carry",
-                                                   "test_ci95_carry", "carry_block_acc")},
-                        "metric": r["metric"], "lamda": r["lamda"], "normalize_input": r["normalize_input"],
-                        "val_best_acc": r["val_best_acc"], "val_best_epoch": r["val_best_epoch"]}
-            for r in results}
+    kept = ("inner_state", "test_acc_reset", "test_ci95_reset", "test_acc_carry", "test_ci95_carry",
+            "carry_block_acc", "metric", "lamda", "normalize_input", "val_best_acc", "val_best_epoch")
+    return {r["shot"]: {"acc": r["test_acc"], "ci95": r["test_ci95"], **{key: r[key] for key in kept}}
+            for r in meta.main(meta_args)}
 
 
 def footer(args: argparse.Namespace, pre_acc: float, table: dict[str, dict[int, dict]]) -> list[str]:
@@ -198,36 +166,37 @@ def run_demo(args: argparse.Namespace) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"demo run folder: {run_dir} (device {device}, {torch.get_num_threads()} thread(s))", flush=True)
 
-    stages = Stages(("data", "pretrain", "features", "protonet") + HEADS)
-    stages.start("data", f"demo dataset in {resolve_path(args.data_root) / DATASET} "
-                         f"({args.images_per_class} images per class; drawn only when absent)")
-    data_dir = ensure_demo_dataset(args.data_root, seed=args.data_seed, images_per_class=args.images_per_class)
-    stages.start("pretrain", f"{args.model_type} for {args.pre_epochs} epoch(s) on the {SPLIT_SIZES['train']} "
-                             f"training classes")
-    weights, pre_acc = pretrain(args, run_dir / "pretrain")
-    stages.start("features", f"{args.model_type} features of every split from {weights}")
-    feature_files = extract(args, weights, device)
-    table = {}
-    stages.start("protonet", f"ProtoNet baseline, {args.test_episodes} test episodes")
-    table["protonet"] = protonet(args, weights, run_dir / "protonet")
+    seconds, table = {}, {}
+    with stage(seconds, "data", f"demo dataset in {resolve_path(args.data_root) / DATASET} "
+                                f"({args.images_per_class} images per class; drawn only when absent)"):
+        data_dir = ensure_demo_dataset(args.data_root, seed=args.data_seed, images_per_class=args.images_per_class)
+    with stage(seconds, "pretrain", f"{args.model_type} for {args.pre_epochs} epoch(s) on the "
+                                    f"{SPLIT_SIZES['train']} training classes"):
+        weights, pre_acc = pretrain(args, run_dir / "pretrain")
+    with stage(seconds, "features", f"{args.model_type} features of every split from {weights}"):
+        feature_files = extract_splits(load_backbone(args.model_type, weights, device), args.data_root, DATASET,
+                                       args.model_type, device, SPLITS, source=str(weights))
+    with stage(seconds, "protonet", f"ProtoNet baseline, {args.test_episodes} test episodes"):
+        table["protonet"] = protonet(args, weights, run_dir / "protonet")
     for head in HEADS:
-        stages.start(head, f"TasNet {head}: {args.max_epoch} epoch(s) x {args.num_batch} episodes, then "
-                           f"{args.test_episodes} test episodes, per shot")
-        table[head] = meta(args, head, weights, run_dir / head)
-    stages.finish()
+        with stage(seconds, head, f"TasNet {head}: {args.max_epoch} epoch(s) x {args.num_batch} episodes, then "
+                                  f"{args.test_episodes} test episodes, per shot"):
+            table[head] = tasnet(args, head, weights, run_dir / head)
     check_results(table)
 
     notes = footer(args, pre_acc, table)
     total = time.perf_counter() - started
-    timing = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.seconds.items())
+    timing = ", ".join(f"{name} {stage_s:.0f} s" for name, stage_s in seconds.items())
     notes.append(f"wall time {total:.0f} s ({timing}); run folder {run_dir}")
+    # trainer.meta gives each shot a sub-folder only when there are several
+    shot_dirs = [f"shot{shot}" if len(args.shot) > 1 else "" for shot in args.shot]
     results = {
         "table": {method: {str(shot): cell for shot, cell in shots.items()} for method, shots in table.items()},
-        "notes": notes, "stage_seconds": stages.seconds, "total_seconds": total, "run_dir": str(run_dir),
+        "notes": notes, "stage_seconds": seconds, "total_seconds": total, "run_dir": str(run_dir),
         "data_dir": str(data_dir), "backbone_checkpoint": str(weights),
         "feature_files": {split: str(path) for split, path in feature_files.items()},
         "result_files": {"protonet": [str(run_dir / "protonet" / "result.json")],
-                         **{head: [str(meta_result_path(run_dir / head, shot, args.shot)) for shot in args.shot]
+                         **{head: [str(run_dir / head / folder / "result.json") for folder in shot_dirs]
                             for head in HEADS}},
         "config": vars(args),
     }
@@ -240,9 +209,4 @@ def run_demo(args: argparse.Namespace) -> dict:
         f.write(f"# Demo results\n\n{title}\n\n{table_md}\n\n{notes_md}")
     print("\n" + "\n".join([title, "", table_md, ""] + notes), flush=True)
     return results
-
-
-def meta_result_path(head_dir: Path, shot: int, shots: list[int]) -> Path:
-    """Where ``trainer.meta`` writes the result of ``shot``: one sub-folder per shot when there are several."""
-    return head_dir / f"shot{shot}" / "result.json" if len(shots) > 1 else head_dir / "result.json"
 
