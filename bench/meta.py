@@ -45,7 +45,8 @@ from models.reference import plain_episode
 from trainer.evaluate import episode_indices
 from trainer.meta import build_model, evaluate, gather_episodes, train_epoch
 from trainer.flags import positive_int
-from trainer.meta_config import MetaConfig, build_parser, non_negative_int
+from trainer.flags import non_negative_int
+from trainer.meta_config import MetaConfig, build_parser
 from utils.cli import parser_defaults
 
 FEATURE_DIM = 640

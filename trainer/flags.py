@@ -10,6 +10,7 @@ passes only what differs (a default, the words of a help text). Backbone names c
 from __future__ import annotations
 
 import argparse
+import math
 
 from models import BACKBONES
 
@@ -19,23 +20,25 @@ SWITCH = ("auto", "on", "off")
 Parser = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (argparse names the flag in its error)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def in_range(kind: type, low: float, high: float = math.inf, low_open: bool = False):
+    """argparse type: a ``kind`` in [low, high] (or (low, high] when ``low_open``); argparse names the flag in
+    its error, e.g. ``argument --way: must be >= 1, got 0``."""
+    if high < math.inf:
+        bound = f"lie in [{low}, {high}]"
+    else:
+        bound = f"be {'>' if low_open else '>='} {low}"
+
+    def parse(text: str):
+        value = kind(text)
+        if not (low < value if low_open else low <= value) or value > high:
+            raise argparse.ArgumentTypeError(f"must {bound}, got {value}")
+        return value
+    parse.__name__ = kind.__name__  # argparse: "invalid int value: 'x'"
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-positive_int.__name__, positive_float.__name__ = "positive integer", "positive number"
+positive_int, non_negative_int = in_range(int, 1), in_range(int, 0)
+positive_float, unit_interval = in_range(float, 0, low_open=True), in_range(float, 0, 1)
 
 
 def add_data_flags(parser: Parser, model_type: str = "res12", model_help: str = "backbone",

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from models.heads import HEADS, METRICS, HeadConfig
 from models.inner_loop import INNER_STATES, InnerLoopConfig
 from trainer.flags import (add_data_flags, add_episode_flags, add_episodic_training_flags, add_init_weights_flag,
-                           add_pretraining_flags, add_run_flags, positive_float, positive_int)
+                           add_pretraining_flags, add_run_flags, non_negative_int, positive_float,
+                           positive_int, unit_interval)
 from utils import InputError
 from utils.cli import add_device_flags
 
@@ -43,22 +44,6 @@ def auto_or(kind):
     parse.__name__ = f"auto or {kind.__name__}"
     return parse
 
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
-    return value
-
-
-non_negative_int.__name__, unit_interval.__name__ = "whole number >= 0", "number in [0, 1]"
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
