@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,6 +110,18 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
     record.update(peak_mb=int(peak_kb) / 1024 if peak_kb else None, peak_kind=kind)
 
 
+@contextmanager
+def cpu_time() -> Iterator[dict]:
+    """CPU seconds of the block into the yielded dict: ``user_s`` and ``system_s`` of this process, and
+    ``workers_system_s`` of its child processes that ended within it (DataLoader workers of one epoch)."""
+    record: dict = {}
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    yield record
+    own_end, children_end = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    record.update(user_s=own_end.ru_utime - own.ru_utime, system_s=own_end.ru_stime - own.ru_stime,
+                  workers_system_s=children_end.ru_stime - children.ru_stime)
+
+
 def emit(record: dict) -> None:
     """Print the one JSON line of a bench script (floats rounded to 4 significant digits)."""
     print(json.dumps(_rounded(record), separators=(",", ":")), flush=True)
@@ -141,6 +154,10 @@ def print_summary(path: str | Path) -> None:
             for row in record["epoch"]:
                 print(f"  epoch --augment {row['augment']:5} amp {row['amp']!s:5}: {row['images']} images in "
                       f"{row['seconds']:.1f} s = {row['images_per_s']:.0f} img/s")
+            for row in record.get("allocator", []):
+                print(f"  allocator {row['malloc']:7} {row['model']:6} {row['part']:11} batch {row['batch_size']:4}: "
+                      f"{row['images_per_s']:7.1f} img/s, system {row['system_s']:.1f} s (workers "
+                      f"{row['workers_system_s']:.1f} s), user {row['user_s']:.1f} s, peak {row['peak_mb']:.0f} MB")
             print(f"  ratios {record['ratios']}")
         else:
             inner = {(r["impl"], r["shot"]): r for r in record.get("inner", [])}

@@ -2,6 +2,7 @@
 
     python bench/pretrain.py --device cpu --threads 1 --num_workers 2
     python bench/pretrain.py --device cuda --num_workers 14            # batch 128, miniImageNet-sized epoch
+    python bench/pretrain.py --device cpu --threads 2 --parts allocator --models conv4 res12 --batch_size 128
 
 On synthetic uint8 images (N, 84, 84, 3) it measures
 
@@ -12,15 +13,21 @@ On synthetic uint8 images (N, 84, 84, 3) it measures
     classifier over 64 classes: fp32, and on CUDA also bf16 autocast + channels_last (``--compile`` adds a
     ``torch.compile``-d variant);
 (c) one epoch of ``trainer.pre.Pretrainer.train_epoch`` on ``--epoch_images`` images written as a prepared
-    dataset: ``--augment batch`` (bf16 + channels_last on CUDA) against ``--augment pil`` (fp32).
+    dataset: ``--augment batch`` (bf16 + channels_last on CUDA) against ``--augment pil`` (fp32);
+(d) only when asked for (``--parts allocator``, on the CPU): (b) and (c) for each of ``--models`` with glibc's
+    default allocator against freed memory kept in the process (``utils.runtime.keep_freed_memory``), each in
+    a child process of its own (the setting holds for a whole process), alternating, ``--repeats`` rounds.
 
-Every measurement follows a warm-up. Prints one JSON line with ``pipeline``, ``steps`` and ``epoch`` rows and
-the ratios ours / original.
+Every measurement follows a warm-up; steps and epochs also report their user and system CPU seconds. Prints
+one JSON line with ``pipeline``, ``steps``, ``epoch`` and ``allocator`` rows and the ratios ours / original
+(for (d): kept / default, the median over the rounds).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bench import bench_parser, emit, fill_unset, machine, peak_memory, setup, synchronize, timed
+from bench import bench_parser, cpu_time, emit, fill_unset, machine, peak_memory, setup, synchronize, timed
 from dataloader.batch_augment import torchvision_train_transform, train_augment
 from dataloader.datasets import ImageDataset
 from dataloader.prepare import write_split
@@ -45,10 +52,10 @@ from trainer.pre_flags import build_parser as pretrain_parser
 from utils.cli import parser_defaults
 from utils.distributed import Processes
 from utils.interrupt import StopRequest
-from utils.runtime import autocast
+from utils.runtime import MALLOC_ENV, autocast
 
 NUM_CLASSES = 64
-PARTS = ("pipeline", "steps", "epoch")
+PARTS = ("pipeline", "steps", "epoch", "allocator")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,14 +73,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="DataLoader workers of the PIL path (pretraining's default)")
     add("--pipeline_images", type=int, default=0,
         help="images through each input pipeline (0: 8192 on CUDA, 512 on a CPU)")
-    add("--repeats", type=int, default=3, help="measurements of each input pipeline (the median is reported)")
+    add("--repeats", type=int, default=3,
+        help="measurements of each input pipeline, rounds of the allocator comparison (the median is reported)")
     add("--pipeline_batch_sizes", type=int, nargs="+", default=None,
         help="batch sizes of the batched pipeline (default: --batch_size); the PIL path uses --batch_size")
     add("--epoch_images", type=int, default=-1,
         help="images of the timed epoch (-1: 38400, miniImageNet's training split, on CUDA; 64 on a CPU; 0: skip)")
     add("--epoch_model", default="res12", choices=sorted(BACKBONES), help="backbone of the timed epoch")
-    add("--parts", nargs="+", default=list(PARTS), choices=PARTS,
-        help="what to measure: the input pipelines, the training steps, the epoch")
+    add("--parts", nargs="+", default=list(PARTS[:3]), choices=PARTS,
+        help="what to measure: the input pipelines, the training steps, the epoch; allocator: steps and epoch "
+             "with glibc's default allocator against freed memory kept, on the CPU")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.epoch_model, args.batch_size, args.wrn_batch_size = ["conv4"], "conv4", 4, 2
@@ -182,11 +191,11 @@ def training_step(name: str, batch_size: int, amp: bool, channels_last: bool, co
             optimizer.step()
 
     steps(args.warmup_steps)
-    with peak_memory(device) as memory:
+    with peak_memory(device) as memory, cpu_time() as cpu:
         seconds, _ = timed(lambda: steps(args.steps), device)
     return {"model": name, "precision": "bf16" if amp else "fp32", "channels_last": channels_last,
             "compile": compile_, "batch_size": batch_size, "steps": args.steps, "seconds": seconds,
-            "images_per_s": batch_size * args.steps / seconds, **memory}
+            "images_per_s": batch_size * args.steps / seconds, **memory, **cpu}
 
 
 def step_variants(device: torch.device, compile_: bool) -> list[tuple[bool, bool, bool]]:
@@ -219,13 +228,54 @@ def epoch_rate(root: Path, augment: str, fast: bool, args: argparse.Namespace, d
         val_episodes=1, max_train_batches=2)
     trainer = Pretrainer(run_args, device, Processes())
     trainer.train_epoch(1, StopRequest())
-    trainer.batch, trainer.sums, run_args.max_train_batches = 0, [0.0, 0.0, 0], 0
-    with peak_memory(device) as memory:
+    run_args.max_train_batches = 0
+    with peak_memory(device) as memory, cpu_time() as cpu:
         seconds, _ = timed(lambda: trainer.train_epoch(2, StopRequest()), device)
-    images = trainer.sums[2]
+    images = int(trainer.images_seen)
     return {"augment": augment, "model": args.epoch_model, "amp": fast, "channels_last": fast,
             "workers": args.num_workers if augment == "pil" else 0, "batch_size": args.batch_size,
-            "images": images, "seconds": seconds, "images_per_s": images / seconds, **memory}
+            "images": images, "seconds": seconds, "images_per_s": images / seconds, **memory, **cpu}
+
+
+# ---------------------------------------------------------------------------------------------- (d) allocator
+def allocator_child(name: str, choice: str, args: argparse.Namespace) -> dict:
+    """The JSON record of this script run for ``--parts steps epoch`` of backbone ``name`` on the CPU, in a
+    child process whose environment sets ``TASNET_MALLOC=choice``."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--device", "cpu", "--threads", str(args.threads),
+               "--seed", str(args.seed), "--parts", "steps", "epoch", "--models", name, "--epoch_model", name]
+    for key in ("batch_size", "wrn_batch_size", "steps", "warmup_steps", "epoch_images", "num_workers"):
+        command += [f"--{key}", str(getattr(args, key))]
+    done = subprocess.run(command, env={**os.environ, MALLOC_ENV: choice}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} with {MALLOC_ENV}={choice} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def allocator(args: argparse.Namespace) -> list[dict]:
+    """Step and epoch rows of each of ``--models``, with glibc's default allocator and with freed memory kept,
+    alternating, for ``--repeats`` rounds."""
+    rows = []
+    for round_ in range(args.repeats):
+        for name in args.models:
+            for choice in ("default", "keep"):
+                record = allocator_child(name, choice, args)
+                parts = [("step", r) for r in record["steps"]] + [(f"epoch {r['augment']}", r) for r in record["epoch"]]
+                rows += [{"malloc": choice, "round": round_, "model": name, "part": part,
+                          "batch_size": row["batch_size"], "load_avg": record["load_avg"],
+                          **{key: row[key] for key in ("images_per_s", "seconds", "user_s", "system_s",
+                                                       "workers_system_s", "peak_mb", "peak_kind")}}
+                         for part, row in parts]
+    return rows
+
+
+def allocator_ratios(rows: list[dict]) -> dict[str, float]:
+    """Per ``"<model> <part>"``: the median over the rounds of images/s kept / images/s default."""
+    rates: dict = {}
+    for row in rows:
+        rates.setdefault(f"{row['model']} {row['part']}", {}).setdefault(row["round"], {})[row["malloc"]] = \
+            row["images_per_s"]
+    return {key: float(np.median([r["keep"] / r["default"] for r in rounds.values()]))
+            for key, rounds in rates.items()}
 
 
 def ratio(rows: list[dict], ours: dict, original: dict) -> float | None:
@@ -246,7 +296,7 @@ def main(argv=None) -> dict:
     generator = np.random.default_rng(args.seed)
     images = synthetic_images(args.pipeline_images, generator)
 
-    pipeline, steps, epoch = [], [], []
+    pipeline, steps, epoch, allocation = [], [], [], []
     if "pipeline" in args.parts:
         pipeline = pipelines(images, args, device)
 
@@ -265,19 +315,23 @@ def main(argv=None) -> dict:
             epoch = [epoch_rate(Path(folder), "batch", fast, args, device),
                      epoch_rate(Path(folder), "pil", False, args, device)]
 
+    if "allocator" in args.parts:
+        allocation = allocator(args)
+
     record = {
         "bench": "pretrain", **started,
         "config": {key: getattr(args, key) for key in (
             "batch_size", "wrn_batch_size", "models", "steps", "warmup_steps", "compile", "num_workers",
             "repeats", "pipeline_images", "pipeline_batch_sizes", "epoch_images", "epoch_model", "parts", "threads",
             "quick")},
-        "pipeline": pipeline, "steps": steps, "epoch": epoch,
+        "pipeline": pipeline, "steps": steps, "epoch": epoch, "allocator": allocation,
         "ratios": {
             "pipeline_batch_over_pil": ratio(pipeline, {"impl": "batch_augment", "batch_size": args.batch_size},
                                              {"impl": "pil"}),
             "step_bf16_cl_over_fp32": ratio(steps, {"model": args.models[0], "precision": "bf16", "compile": False},
                                             {"model": args.models[0], "precision": "fp32"}),
             "epoch_batch_over_pil": ratio(epoch, {"augment": "batch"}, {"augment": "pil"}),
+            "allocator_keep_over_default": allocator_ratios(allocation),
         },
         "load_avg_end": list(os.getloadavg()),
     }

@@ -19,6 +19,14 @@ from pathlib import Path
 import pytest
 
 from synthetic_data import DATA_DIR, REFERENCE_DIR
+from utils import runtime
+
+
+@pytest.fixture(scope="session", autouse=True)
+def keep_freed_memory():
+    """What every command does on a CPU (``utils.resolve_device``), from the first test on: the tests' training
+    steps reuse freed memory instead of faulting it back in."""
+    runtime.keep_freed_memory()
 
 
 def _real(*parts: str) -> Path:

@@ -91,6 +91,17 @@ def test_pretrain_bench_quick_reports_every_pipeline_step_and_epoch(run_script):
     assert positive(record["ratios"]["pipeline_batch_over_pil"]) and positive(record["ratios"]["epoch_batch_over_pil"])
 
 
+@pytest.mark.slow
+def test_pretrain_bench_times_steps_and_epochs_with_each_allocator_in_child_processes(run_script):
+    record = run_script("pretrain", "--quick", "--device", "cpu", "--threads", "1", "--parts", "allocator")
+    assert [(r["malloc"], r["part"]) for r in record["allocator"]] == [
+        (malloc, part) for malloc in ("default", "keep") for part in ("step", "epoch batch", "epoch pil")]
+    assert all(positive(r["images_per_s"]) and positive(r["peak_mb"]) and r["system_s"] >= 0
+               for r in record["allocator"])
+    ratios = record["ratios"]["allocator_keep_over_default"]
+    assert set(ratios) == {"conv4 step", "conv4 epoch batch", "conv4 epoch pil"} and all(map(positive, ratios.values()))
+
+
 def test_gpu_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(REPO_ROOT / "bench" / "gpu.sh")], check=True)
 

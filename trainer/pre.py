@@ -88,6 +88,7 @@ class Pretrainer:
         self.model = model
 
         self.epoch = 0            # completed epochs
+        self.images_seen = 0      # training images of the last epoch, over every process
         self.max_acc, self.max_acc_epoch = 0.0, 0
 
     # ------------------------------------------------------------------ checkpoints

@@ -3,15 +3,21 @@ resolves paths."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MALLOC_ENV = "TASNET_MALLOC"  # "default" leaves glibc's allocator as it is (see keep_freed_memory)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+NEVER_TRIM = 2**31 - 1  # the largest trim threshold mallopt takes (an int)
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -21,7 +27,8 @@ def resolve_path(path: str | os.PathLike) -> Path:
 
 
 def resolve_device(name: str = "auto", threads: int = 0) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU. Anything else is passed to ``torch.device`` and checked.
+    """``auto`` -> CUDA when present, else CPU. Anything else is passed to ``torch.device`` and checked. On a CPU,
+    glibc is then told to keep freed memory (:func:`keep_freed_memory`).
 
     Args:
         threads: torch's CPU threads (``--threads``); 0 keeps torch's default of one per core.
@@ -32,12 +39,51 @@ def resolve_device(name: str = "auto", threads: int = 0) -> torch.device:
     if threads:
         torch.set_num_threads(threads)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         from utils.io import InputError
         raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto.")
+    if device.type == "cpu":
+        keep_freed_memory()
     return device
+
+
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library when it is glibc; None elsewhere (macOS, musl, Windows)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # only glibc has it; musl and macOS have no mallopt worth setting
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows, where CDLL needs a name
+        return None
+    return libc
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process: no mmap for large blocks, no trimming of the heap.
+
+    By default glibc gives every block over 32 MiB its own mmap and unmaps it when freed, so each CPU training
+    step faults all of its activations back in, zeroed, and spends almost as long in the kernel as in torch.
+    Kept, the pages are reused: faster steps for a larger peak resident memory (BENCHMARKS.md, "CPU
+    allocator"). Applied once per process, before the first large allocation (:func:`resolve_device` calls it
+    for a CPU); forked DataLoader workers inherit it. Nothing is set where the C library is not glibc, or when
+    the environment variable ``TASNET_MALLOC`` is ``default``.
+
+    Returns:
+        whether the setting was made (the one line saying so goes to stderr).
+    """
+    choice = os.environ.get(MALLOC_ENV, "keep")
+    if choice not in ("keep", "default"):
+        from utils.io import InputError
+        raise InputError(f"{MALLOC_ENV}={choice}: unknown value; use keep (the default: glibc keeps freed memory "
+                         f"in the process) or default (glibc's own allocator settings).")
+    libc = glibc() if choice == "keep" else None
+    if libc is None or not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)):
+        return False
+    print(f"note: CPU memory: glibc keeps freed memory in the process (no mmap for large blocks, no trimming; "
+          f"{MALLOC_ENV}=default turns this off)", file=sys.stderr, flush=True)
+    return True
 
 
 def flag_on(value: str, device: torch.device) -> bool:
