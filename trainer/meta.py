@@ -345,14 +345,14 @@ def train_and_test(args: argparse.Namespace, config: MetaConfig, splits: dict[st
         trained.append((best_acc, lamda, run))
         if stop.requested and lamda != grid[-1]:
             stop.exit_for_resume(run_dir, f"stopped after the lamda {lamda} model")
-    best_acc, lamda, best = max(trained, key=lambda item: item[0])  # the first of equals: the smaller lambda
+    best_acc, lamda, best = max(trained, key=lambda item: item[0])  # of equals, the first in the grid
     if args.lamda != "auto":
         return best.test(best.run.best)
     print(f"[{config.head} {config.shot}-shot] lamda {lamda:g} has the best validation accuracy "
           f"({best_acc:.4f}; grid {', '.join(f'{v:g}: {a:.4f}' for a, v, _ in trained)})", flush=True)
-    best.run = Run(folder, {**config_json, "lamda": "auto"}, resume_dir=run_dir)
-    return best.test(best.run.path / f"lamda{lamda:g}" / "max_acc.pth",
-                     {"lamda_grid": list(grid), "lamda_val_acc": [acc for acc, _, _ in trained]})
+    # the shot's own folder holds the test of the chosen model, as for a single lambda
+    tester = MetaRun(best.config, splits, Run(folder, {**config_json, "lamda": "auto"}, resume_dir=run_dir), device)
+    return tester.test(best.run.best, {"lamda_grid": list(grid), "lamda_val_acc": [acc for acc, _, _ in trained]})
 
 
 def main(args: argparse.Namespace) -> list[dict]:
