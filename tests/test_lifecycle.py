@@ -376,3 +376,23 @@ def test_files_killed_while_being_written_are_complete(tmp_path, delay):
     # written in this order, version after version: the kill leaves version v before some point, v - 1 after it
     versions = [ckpt["epoch"], int(features[0, 0]), result["version"], epochs[-1]]
     assert versions == sorted(versions, reverse=True) and versions[0] - versions[-1] in (0, 1), versions
+
+
+def test_ctrl_c_during_the_last_validation_lets_the_run_finish_with_its_test(trainers, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A real SIGINT to this process while the meta stage validates its last epoch: the training is complete, so
+    the run ends with its test (exit 0, result.json) instead of exiting for a resume that would only test."""
+    trainer, run_dir = trainers["meta"], tmp_path / "run"
+    evaluate, calls = meta.evaluate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # validation after epoch 3 of 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(meta, "evaluate", interrupted)
+    assert trainer(run_dir) == 0
+    out, err = capsys.readouterr()
+    assert "SIGINT: stopping after this training step" in err and "Test Acc" in out and "continue with" not in err
+    assert json.loads((run_dir / "result.json").read_text())["test_episodes"] == 20
