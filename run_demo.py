@@ -2,7 +2,7 @@
 backbone, extract its features, run the ProtoNet baseline and TasNet (fusion and concatenation) for 1 and 5
 shots, and print one table of test accuracies.
 
-    python run_demo.py                 # the full demo (about 10 minutes at most on 2 CPU cores)
+    python run_demo.py                 # the full demo (about 1 minute on 2 CPU cores)
     python run_demo.py --quick         # every stage, shrunk (CI; under 3 minutes)
 
 The run folder (default runs/demo-<time>) holds every stage's run folder with its curves, and results.md /
