@@ -182,8 +182,8 @@ class MetaRun:
         self.config, self.splits, self.run, self.device = config, splits, run, device
         any_split = next(iter(splits.values()))
         self.feature_dim, self.semantic_dim = any_split.features.shape[1], any_split.class_vectors.shape[1]
-        self.label = f"[{config.head} {config.shot}-shot" + (f" lamda {config.lamda}]" if config.head == "fusion"
-                                                              else "]")
+        lamda = f" lamda {config.lamda}" if config.head == "fusion" else ""
+        self.label = f"[{config.head} {config.shot}-shot{lamda}]"
 
     def episodes(self, split: str, query: int, count: int, seed: int) -> torch.Tensor:
         """The fixed episodes of a split for a seed: (count, way*(shot+query)) indices on the device."""

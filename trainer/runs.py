@@ -40,8 +40,9 @@ from utils.interrupt import StopRequest
 from utils.io import InputError, JsonlLog, SaveError, atomic_write, ensure_folder, save_json
 from utils.runtime import git_commit, resolve_path
 
-# Flags that never shape the training, so a resumed run may give other values.
-ALWAYS_FREE = ("resume", "run_dir", "device", "threads", "data_root")
+# Flags that never shape the training, so a resumed run may give other values (--deterministic only picks
+# CUDA kernels).
+ALWAYS_FREE = ("resume", "run_dir", "device", "threads", "data_root", "deterministic")
 
 
 def step_lr(lr: float, gamma: float, step_size: int, epoch: int) -> float:
