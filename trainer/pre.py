@@ -120,7 +120,9 @@ class Pretrainer:
                                 self.args.max_train_batches)
         self.model.train()
         # running sums stay on the device: no host sync per step
-        sums = torch.zeros(3, device=self.device, dtype=torch.float64)    # loss sum, correct, images
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        images = 0
         progress = tqdm(total=len(batches), desc=f"epoch {epoch}/{self.args.pre_max_epoch}", unit="batch",
                         disable=not self.procs.is_main, dynamic_ncols=True, leave=False)
         for number, (inputs, labels) in enumerate(self.batches(batches, epoch, self.procs.rank), start=1):
@@ -130,8 +132,9 @@ class Pretrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            sums += torch.stack([loss.detach() * len(labels), (logits.argmax(dim=1) == labels).sum(),
-                                 torch.tensor(len(labels), device=self.device)]).double()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(dim=1) == labels).sum()
+            images += len(labels)
             progress.update()
             if number % 10 == 0:
                 progress.set_postfix(loss=f"{loss.item():.3f}")
@@ -139,11 +142,11 @@ class Pretrainer:
                 progress.close()
                 return None
         progress.close()
+        sums = torch.stack([loss_sum, correct, torch.tensor(float(images), device=self.device, dtype=torch.float64)])
         if self.procs.distributed:
             dist.all_reduce(sums)
-        loss_sum, correct, count = sums.tolist()
-        self.images_seen = count
-        return loss_sum / max(count, 1), correct / max(count, 1)
+        loss_total, correct_total, self.images_seen = sums.tolist()
+        return loss_total / max(self.images_seen, 1), correct_total / max(self.images_seen, 1)
 
     def agree(self, signum: int) -> int:
         """The highest stop signal over the processes: every process must stop after the same batch, or DDP would
