@@ -27,7 +27,7 @@ from models import build_backbone
 from models.heads import class_prototypes
 from trainer.checkpoint import load_weights
 from trainer.extract import default_weights, ensure_features, extract_features
-from trainer.runs import Run, default_run_dir, locked
+from trainer.runs import Run, chosen_run_dir, locked
 from utils import mean_ci95, resolve_device, resolve_path, set_seed
 
 # episodes scored per batched distance computation: (chunk, way*(shot+query), 640) floats stays ~100 MB
@@ -152,7 +152,7 @@ def proto_baseline(args: argparse.Namespace) -> dict:
         result["shots"][str(shot)] = {"acc": mean_acc, "ci95": ci95}
         print(f"ProtoNet {args.dataset} {args.split} {args.way}-way {shot}-shot ({args.model_type}): "
               f"{100 * mean_acc:.2f} +- {100 * ci95:.2f} % over {args.episodes} episodes (seed {args.seed})")
-    with locked(args.run_dir or default_run_dir("proto", args.dataset, args.model_type)) as run_dir:
+    with locked(chosen_run_dir(args.run_dir, False, "proto", args.dataset, args.model_type)) as run_dir:
         path = Run(run_dir, vars(args)).save_result(result)
     print(f"result: {path}")
     return result

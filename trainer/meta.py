@@ -44,7 +44,7 @@ from trainer.evaluate import episode_accuracy, episode_indices
 from trainer.extract import load_feature_splits
 from trainer.flags import unused_pretraining_flags
 from trainer.meta_config import MetaConfig, check_flags
-from trainer.runs import Run, default_run_dir, locked, set_lr, step_lr
+from trainer.runs import Run, chosen_run_dir, locked, set_lr, step_lr
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
 from utils.cli import run_cli
 from utils.interrupt import StopRequest
@@ -360,15 +360,15 @@ def main(args: argparse.Namespace) -> list[dict]:
     unused_pretraining_flags(args)
     check_flags(args)
     training = args.eval_weights is None
-    if args.resume and (args.run_dir is None or not training):
+    if args.resume and not training:
         raise InputError("--resume continues an interrupted training: pass the --run_dir of that run, and no "
                          "--eval_weights.")
+    run_dir = chosen_run_dir(args.run_dir, args.resume, args.head, args.dataset, args.model_type)
     configs = [MetaConfig.from_args(args, shot) for shot in args.shot]
     device = resolve_device(args.device, args.threads)
     if not training and not resolve_path(args.eval_weights).is_file():
         raise InputError(f"--eval_weights {args.eval_weights}: file not found.")
     results = []
-    run_dir = args.run_dir or default_run_dir(args.head, args.dataset, args.model_type)
     with locked(run_dir, args.resume) as run_dir, StopRequest("this training step") as stop:
         splits = load_feature_splits(args, ("train", "val", "test") if training else ("test",), device)
         check_episode_sizes(configs, splits)

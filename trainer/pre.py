@@ -29,8 +29,8 @@ from dataloader.transforms import normalization
 from models import build_backbone
 from trainer.evaluate import evaluate_protonet
 from trainer.extract import extract_features
-from trainer.runs import Run, default_run_dir, locked, set_lr, step_lr
-from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
+from trainer.runs import Run, chosen_run_dir, locked, set_lr, step_lr
+from utils import InputError, mean_ci95, resolve_device, set_seed
 from utils.distributed import Processes, init_processes
 from utils.interrupt import StopRequest
 from utils.runtime import autocast, flag_on, rng_state, set_rng_state
@@ -214,10 +214,7 @@ def main(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device, args.threads)
     procs, device = init_processes(device)
     try:
-        if args.run_dir is None:
-            if args.resume:
-                raise InputError("--resume needs --run_dir: the folder of the run to continue.")
-            args.run_dir = str(default_run_dir("pre", args.dataset, args.model_type))
+        args.run_dir = str(chosen_run_dir(args.run_dir, args.resume, "pre", args.dataset, args.model_type))
         set_seed(args.seed, args.deterministic)
         if device.type == "cuda" and not args.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed 84x84 inputs: pick the fastest conv once

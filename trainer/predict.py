@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_meta(path: Path, feature_dim: int, semantic_dim: int, glove: Path,
-              device: torch.device) -> tuple[TasNet, InnerLoopConfig, dict]:
-    """The meta model of ``path`` with the head, inner loop and flags (``config``) its training saved."""
+              device: torch.device) -> tuple[TasNet, MetaConfig]:
+    """The meta model of ``path`` and the config (head, inner loop, flags) its training saved."""
     ckpt = load_checkpoint(path, device)
     config = ckpt.get("config")
     if ckpt.get("kind") != "meta" or not isinstance(config, dict):

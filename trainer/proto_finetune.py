@@ -48,7 +48,7 @@ from trainer.checkpoint import load_weights
 from trainer.evaluate import episode_accuracy, episode_indices, protonet_logits, score_episodes
 from trainer.extract import default_weights, extract_features, load_backbone
 from trainer.meta import TRAIN_SEED_OFFSET, VAL_SEED_OFFSET
-from trainer.runs import Run, default_run_dir, locked, set_lr, step_lr
+from trainer.runs import Run, chosen_run_dir, locked, set_lr, step_lr
 from utils import InputError, mean_ci95, resolve_device, resolve_path, set_seed
 from utils.interrupt import StopRequest
 from utils.runtime import autocast, flag_on, rng_state, set_rng_state
@@ -275,8 +275,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     """``run_proto.py --finetune``: fine-tune and test every shot of ``args.shot``; returns the result dicts."""
     if len(set(args.shot)) != len(args.shot):
         raise InputError(f"--shot lists a value twice: {args.shot}.")
-    if args.resume and args.run_dir is None:
-        raise InputError("--resume needs --run_dir: the folder of the run to continue.")
+    run_dir = chosen_run_dir(args.run_dir, args.resume, "proto_finetune", args.dataset, args.model_type)
     device = resolve_device(args.device, args.threads)
     weights = resolve_path(args.init_weights) if args.init_weights else default_weights(args.dataset, args.model_type)
     if not weights.is_file():
@@ -286,7 +285,6 @@ def main(args: argparse.Namespace) -> list[dict]:
                          f"{default_weights(args.dataset, args.model_type)}).")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 84x84 inputs and episode sizes: pick the fastest conv once
-    run_dir = args.run_dir or default_run_dir("proto_finetune", args.dataset, args.model_type)
     results = []
     with locked(run_dir, args.resume) as run_dir, StopRequest("this episode") as stop:
         data = ImageSplits(args, device)

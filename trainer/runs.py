@@ -66,6 +66,15 @@ def default_run_dir(*parts: str) -> Path:
     return resolve_path("runs") / f"{'_'.join(str(p) for p in parts)}-{stamp}"
 
 
+def chosen_run_dir(run_dir: str | os.PathLike | None, resume: bool, *parts: str) -> Path:
+    """``--run_dir``, or a new ``runs/<parts>-<time>`` when it is not given; ``--resume`` needs it named."""
+    if run_dir is not None:
+        return resolve_path(run_dir)
+    if resume:
+        raise InputError("--resume needs --run_dir: the folder of the run to continue.")
+    return default_run_dir(*parts)
+
+
 def run_folder(path: str | os.PathLike) -> Path:
     """The folder ``path``, created when missing; a file there is bad input, not a full disk."""
     path = resolve_path(path)
